@@ -1,0 +1,231 @@
+"""JointRewardModel: one VLM backbone, two heads.
+
+* reward head — a small MLP (computed in fp32) on the hidden state at ``<|reward|>`` → (mu, log_var);
+* the backbone's own LM head — masked cross-entropy on the rationale tokens that follow.
+
+The LM loss is computed **inside the forward of the LM-head module** (its class is extended in place
+by ``attach_lm_loss``): under ZeRO-3 the module's pre-forward hook gathers the partitioned weight and
+its gradient is reduce-scattered as usual; reading ``lm_head.weight`` from outside would see an empty
+partition. Only labelled positions are gathered and projected: never the full [B, T, V] logits.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jrm_dist.backbones import load_backbone
+from jrm_dist.losses import masked_lm_loss
+from jrm_dist.processing import IGNORE_INDEX, REWARD_TOKEN
+
+JRM_CONFIG = "jrm_config.json"
+HEAD_WEIGHTS = "reward_head.safetensors"
+FORMAT = "jrm-dist/1"
+
+
+def lm_cross_entropy(hidden, weight, labels, bias=None, reduction="sum", impl="auto", **opts):
+    """Masked CE of the LM head: the fused kernels (jrm_kernels) or the torch reference."""
+    if impl == "auto":
+        try:
+            import jrm_kernels
+
+            return jrm_kernels.fused_linear_masked_ce(hidden, weight, labels, bias=bias, reduction=reduction, **opts)
+        except (ImportError, AttributeError):
+            pass
+    return masked_lm_loss(hidden, weight, labels, bias=bias, reduction=reduction)
+
+
+class _LMHeadLossMixin:
+    """Adds ``forward(hidden, labels=...) -> CE`` to an LM-head Linear, keeping ``forward(hidden) -> logits``."""
+
+    ce_impl: str = "auto"
+    ce_opts: dict = {}
+
+    def forward(self, hidden, labels=None, reduction="sum"):  # type: ignore[override]
+        if labels is None:
+            return super().forward(hidden)
+        return lm_cross_entropy(hidden, self.weight, labels, getattr(self, "bias", None), reduction,
+                                self.ce_impl, **self.ce_opts)
+
+
+def attach_lm_loss(lm_head: nn.Module, impl: str = "auto", **opts) -> nn.Module:
+    """Extend the LM head's class in place (no new parameters, same state dict, same ZeRO-3 hooks)."""
+    if not isinstance(lm_head, nn.Linear):
+        raise TypeError(f"the LM head is a {type(lm_head).__name__}; JRM needs an nn.Linear-like output layer")
+    if not isinstance(lm_head, _LMHeadLossMixin):
+        lm_head.__class__ = type(f"{type(lm_head).__name__}WithLoss", (_LMHeadLossMixin, type(lm_head)), {})
+    lm_head.ce_impl = impl
+    lm_head.ce_opts = dict(opts)
+    return lm_head
+
+
+class RewardHead(nn.Module):
+    """hidden → (mu, log_var); computed in fp32 whatever the backbone precision."""
+
+    def __init__(self, hidden_size: int, head_hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, head_hidden)
+        self.out = nn.Linear(head_hidden, 2)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.fc.weight, std=self.fc.in_features ** -0.5)
+        nn.init.zeros_(self.fc.bias)
+        nn.init.normal_(self.out.weight, std=0.01)
+        nn.init.zeros_(self.out.bias)  # start at mu = 0, sigma = 1
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            x = F.silu(F.linear(h.float(), self.fc.weight.float(), self.fc.bias.float()))
+            y = F.linear(x, self.out.weight.float(), self.out.bias.float())
+        return y[:, 0], y[:, 1]
+
+
+def gathered(params, modifier_rank: int | None = 0):
+    """GatheredParameters under ZeRO-3 (params carry ``ds_id``), a no-op otherwise."""
+    params = [p for p in params if p is not None]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def add_reward_token(backbone: nn.Module, reward_token_id: int) -> None:
+    """Make room for the reward token and initialise its embedding row(s) to the mean of the others
+    (a neutral start the head can move; a random or zero row would be an outlier)."""
+    emb = backbone.get_input_embeddings()
+    n_rows = emb.weight.ds_shape[0] if hasattr(emb.weight, "ds_shape") else emb.weight.shape[0]
+    if reward_token_id >= n_rows:
+        backbone.resize_token_embeddings(reward_token_id + 1, mean_resizing=False)
+    for mod in {id(m): m for m in (backbone.get_input_embeddings(), backbone.get_output_embeddings())}.values():
+        with gathered([mod.weight]):
+            w = mod.weight
+            if w.numel() and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+                              or not hasattr(w, "ds_id")):
+                with torch.no_grad():
+                    w[reward_token_id] = w[:reward_token_id].float().mean(0).to(w.dtype)
+
+
+class JointRewardModel(nn.Module):
+    def __init__(self, backbone: nn.Module, reward_token_id: int, head_hidden: int = 1024, lm_ce: str = "auto",
+                 ce_opts: dict | None = None, init_head: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.reward_token_id = int(reward_token_id)
+        self.head_hidden = int(head_hidden)
+        hidden = backbone.config.get_text_config().hidden_size
+        self.reward_head = RewardHead(hidden, head_hidden)
+        if init_head:
+            with gathered(list(self.reward_head.parameters())):
+                self.reward_head.reset_parameters()
+        attach_lm_loss(backbone.get_output_embeddings(), lm_ce, **(ce_opts or {}))
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_backbone(cls, name_or_path: str, reward_token_id: int, head_hidden: int = 1024,
+                      dtype: torch.dtype = torch.float32, attn_implementation: str = "auto", **kw):
+        """A fresh JRM model on a pretrained backbone (adds and initialises the reward token)."""
+        backbone = load_backbone(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+        add_reward_token(backbone, reward_token_id)
+        return cls(backbone, reward_token_id, head_hidden, **kw)
+
+    def jrm_config(self) -> dict[str, Any]:
+        return {"format": FORMAT, "reward_token": REWARD_TOKEN, "reward_token_id": self.reward_token_id,
+                "head_hidden": self.head_hidden, "hidden_size": self.reward_head.fc.in_features,
+                "head_dtype": "float32"}
+
+    def save_pretrained(self, out_dir: str | Path, processor=None) -> None:
+        """Backbone (safetensors), reward head (safetensors, fp32), jrm_config.json, processor files."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(out, safe_serialization=True)
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.reward_head.state_dict().items()},
+                  str(out / HEAD_WEIGHTS))
+        (out / JRM_CONFIG).write_text(json.dumps(self.jrm_config(), indent=2))
+        if processor is not None:
+            processor.save_pretrained(str(out))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "auto",
+                        lm_ce: str = "auto"):
+        """Load a saved JRM model (safetensors only: no pickle)."""
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        cfg_file = p / JRM_CONFIG
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{cfg_file} not found: {p} is not a JRM checkpoint (export one with jrm-export)")
+        jcfg = json.loads(cfg_file.read_text())
+        if jcfg.get("format") != FORMAT:
+            raise ValueError(f"{cfg_file}: unknown format {jcfg.get('format')!r}, expected {FORMAT}")
+        backbone = load_backbone(str(p), dtype=dtype, attn_implementation=attn_implementation)
+        model = cls(backbone, jcfg["reward_token_id"], jcfg["head_hidden"], lm_ce=lm_ce, init_head=False)
+        missing, unexpected = model.reward_head.load_state_dict(load_file(str(p / HEAD_WEIGHTS)), strict=True)
+        return model
+
+    # ----------------------------------------------------------------- forward paths
+    def _vision_kwargs(self, batch):
+        if batch.get("pixel_values") is not None:
+            return {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+        return {}
+
+    def _dummy_vision(self, batch, like: torch.Tensor) -> torch.Tensor:
+        """0 * vision(blank image) when the micro-batch has no image: keeps ZeRO-3 collectives in step."""
+        if batch.get("pixel_values") is not None or batch.get("dummy_pixel_values") is None:
+            return like.new_zeros(())
+        feats = self.backbone.get_image_features(batch["dummy_pixel_values"], batch["dummy_image_grid_thw"])
+        pooled = getattr(feats, "pooler_output", feats)
+        if isinstance(pooled, (list, tuple)):
+            pooled = torch.cat(list(pooled))
+        return pooled.float().sum() * 0.0
+
+    def _hidden(self, batch, input_ids, attention_mask, mm):
+        out = self.backbone.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm, use_cache=False,
+            **self._vision_kwargs(batch))
+        return out.last_hidden_state
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Training path: mu, log_var, reward-token features, and the LM loss parts
+        (``lm_loss_sum`` over labelled tokens and their count ``lm_tokens``; the trainer normalises)."""
+        hidden = self._hidden(batch, batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        feats = hidden[rows, batch["reward_pos"]]
+        mu, log_var = self.reward_head(feats)
+        zero = self._dummy_vision(batch, mu)
+        mu = mu + zero
+        labels = batch["labels"][:, 1:]  # position t predicts token t+1
+        keep = labels != IGNORE_INDEX
+        h = hidden[:, :-1][keep]
+        y = labels[keep]
+        lm_head = self.backbone.get_output_embeddings()
+        lm_sum = lm_head(h, labels=y, reduction="sum")  # runs inside the LM head's forward (ZeRO-3 gathers it)
+        return {"mu": mu, "log_var": log_var, "features": feats.float(), "lm_loss_sum": lm_sum,
+                "lm_tokens": keep.sum()}
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference path: the backbone up to the reward token only (no rationale, no LM head) → (mu, sigma)."""
+        end = int(batch["reward_pos"].max()) + 1
+        hidden = self._hidden(batch, batch["input_ids"][:, :end], batch["attention_mask"][:, :end],
+                              batch["mm_token_type_ids"][:, :end])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        mu, log_var = self.reward_head(hidden[rows, batch["reward_pos"]])
+        return mu, torch.exp(0.5 * log_var)
+
+    @torch.no_grad()
+    def features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Reward-token hidden states (fp32) on the prompt only, for the effective-rank analysis."""
+        end = int(batch["reward_pos"].max()) + 1
+        hidden = self._hidden(batch, batch["input_ids"][:, :end], batch["attention_mask"][:, :end],
+                              batch["mm_token_type_ids"][:, :end])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, batch["reward_pos"]].float()
