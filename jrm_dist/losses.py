@@ -15,7 +15,9 @@ probabilities sum to one with the loss:
 * thurstone: Glenn–David (1960): P(w > l) = Phi((z - m)/s), P(tie) = Phi((m - z)/s) - Phi((-m - z)/s).
 * bt / bt_expected: Rao–Kupper (1967) with theta = e^m: P(w > l) = sigmoid(z - m),
   P(tie) = (theta^2 - 1) e^z / ((e^z + theta)(1 + theta e^z)); bt_expected takes its expectation over x.
-``ties="ignore"`` drops tie pairs and uses m = 0. A tie is never counted as a win.
+They apply whenever a tie mask is passed (all pairs of a batch then use the same three-outcome model);
+``tie=None`` (data without tie labels) gives the plain two-outcome formulas above. ``ties="ignore"`` drops
+tie pairs and uses m = 0. A tie is never counted as a win.
 """
 from __future__ import annotations
 
@@ -141,14 +143,14 @@ def gaussian_rank_loss(mu: torch.Tensor, log_var: torch.Tensor, win_idx: torch.T
     if tie is not None and ties == "ignore":
         keep = ~tie
         win_idx, lose_idx, tie = win_idx[keep], lose_idx[keep], None
-    m = float(tie_margin) if ties == "model" else 0.0
+    # The three-outcome model (margin m) applies when the data carries tie labels (a mask, even all
+    # False); tie=None means two-outcome data and gives the plain formulas.
+    m = float(tie_margin) if tie is not None else 0.0
     if tie is not None and m <= 0.0:
         raise ValueError("tie_margin must be > 0 when ties are modelled")
-    if tie is not None and not bool(tie.any()):
-        tie_arg = None if m == 0.0 else tie
-    else:
-        tie_arg = tie
-    z, log_v = _pair_stats(mu.float(), log_var.float(), win_idx, lose_idx)
+    tie_arg = tie
+    dt = torch.promote_types(mu.dtype, torch.float32)  # at least fp32 (bf16 in, fp32 math; fp64 stays fp64)
+    z, log_v = _pair_stats(mu.to(dt), log_var.to(dt), win_idx, lose_idx)
     if mode == "thurstone":
         per_pair = _thurstone(z, log_v, tie_arg, m)
     elif mode == "bt_expected":

@@ -1,0 +1,30 @@
+# jrm-dist: `make demo` (toy end-to-end run) and `make test` (the whole suite). Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv test demo bench clean-demo
+
+# (Re)install when the venv is missing or setup.py changed. torch==2.13.0 first: it is the CPU wheel on
+# these machines and satisfies setup.py's range, so pip does not fetch a multi-GB CUDA build.
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" DEMO_DIR="$(DEMO_DIR)" bash launchers/demo.sh
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

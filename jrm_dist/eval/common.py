@@ -1,0 +1,192 @@
+"""What every benchmark protocol shares: decoding released image columns, batched scoring with the
+reward head only (LM path off), writing the results JSON, MLflow logging.
+
+Scoring is kept apart from the protocol arithmetic: readers turn rows into ``ScoreItem``s (keyed, with
+lazy image loading so a 3k-row benchmark never sits decoded in memory), ``Scorer`` maps keys to
+(mu, sigma), and the protocol modules are pure functions over those numbers.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from jrm_dist.processing import open_image
+
+
+class BenchmarkFormatError(ValueError):
+    """A released file that does not have the documented layout (names the file, the row, the field)."""
+
+
+def image_bytes(value: Any, base_dir: Path, where: str) -> bytes:
+    """Bytes of one HF ``Image`` cell (``{"bytes": ..., "path": ...}``): inline bytes, else the file at
+    ``path`` (absolute, or relative to the dataset folder)."""
+    if value is None:
+        raise BenchmarkFormatError(f"{where}: image is null")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if not isinstance(value, dict):
+        raise BenchmarkFormatError(f"{where}: expected an Image struct {{bytes, path}}, got {type(value).__name__}")
+    if value.get("bytes"):
+        return bytes(value["bytes"])
+    path = value.get("path")
+    if not path:
+        raise BenchmarkFormatError(f"{where}: Image struct has neither bytes nor path")
+    p = Path(path)
+    if not p.is_absolute():
+        p = base_dir / p
+    if not p.is_file():
+        raise BenchmarkFormatError(f"{where}: image path {path!r} not found (looked at {p})")
+    return p.read_bytes()
+
+
+def decode(value: Any, base_dir: Path, where: str) -> Image.Image:
+    try:
+        return open_image(image_bytes(value, base_dir, where), where)
+    except ValueError as e:
+        raise BenchmarkFormatError(str(e)) from e
+
+
+@dataclass
+class ScoreItem:
+    """One thing to score. ``load()`` returns (instruction, source images, candidate images, candidate text);
+    it runs only when the item's batch is scored."""
+
+    key: str
+    load: Callable[[], tuple[str, list[Image.Image], list[Image.Image], str | None]]
+
+
+@dataclass
+class Score:
+    mu: float
+    sigma: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mu": self.mu, "sigma": self.sigma}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Scorer:
+    """A JRM checkpoint in inference mode: reward head only, batched, each key scored once."""
+
+    def __init__(self, model_dir: str, batch_size: int = 8, device: str = "auto", dtype: str = "float32",
+                 max_pixels: int | None = None, attn_implementation: str = "auto"):
+        from jrm_dist.data.collate import Collator
+        from jrm_dist.model import JointRewardModel
+        from jrm_dist.processing import RewardProcessor
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        self.model_dir = str(model_dir)
+        self.device = resolve_device(device)
+        self.model = JointRewardModel.from_pretrained(model_dir, dtype=DTYPES[dtype],
+                                                      attn_implementation=attn_implementation).to(self.device).eval()
+        self.processor = RewardProcessor.from_pretrained(model_dir, max_pixels=max_pixels)
+        self.collator = Collator(self.processor)
+        self.batch_size = batch_size
+
+    def encode(self, instruction: str, sources: Sequence[Image.Image], candidates: Sequence[Image.Image],
+               text: str | None = None):
+        return self.processor.encode(instruction, list(sources), list(candidates), text)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def score_encoded(self, encoded: list) -> list[Score]:
+        """Score already-encoded candidates in one forward (the caller sizes the batch)."""
+        from jrm_dist.data.collate import EncodedGroup
+
+        batch = self.collator([EncodedGroup(str(i), [e], [], [], []) for i, e in enumerate(encoded)])
+        mu, sigma = self.model.score(self._to_device(batch))
+        return [Score(float(m), float(s)) for m, s in zip(mu.float().cpu(), sigma.float().cpu())]
+
+    def score_items(self, items: Iterable[ScoreItem], desc: str = "scoring") -> dict[str, Score]:
+        """key → Score. Duplicate keys are scored once (the first item with that key is used)."""
+        from tqdm import tqdm
+
+        unique: dict[str, ScoreItem] = {}
+        for it in items:
+            unique.setdefault(it.key, it)
+        out: dict[str, Score] = {}
+        todo = list(unique.values())
+        with tqdm(total=len(todo), desc=desc, unit="img") as bar:
+            for i in range(0, len(todo), self.batch_size):
+                chunk = todo[i: i + self.batch_size]
+                encoded = [self.encode(*it.load()) for it in chunk]
+                for it, s in zip(chunk, self.score_encoded(encoded)):
+                    out[it.key] = s
+                bar.update(len(chunk))
+        return out
+
+
+def write_results(out: str | os.PathLike, payload: dict[str, Any], table: str) -> tuple[Path, Path]:
+    """``out`` (JSON with per-record scores, metrics and table) and the table next to it as ``.md``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload, table=table, created=_dt.datetime.now(_dt.timezone.utc).isoformat())
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+    tmp.replace(out)
+    md = out.with_suffix(".md")
+    md.write_text(table + "\n")
+    return out, md
+
+
+def flatten_metrics(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested dict of numbers → flat ``a/b/c`` names (MLflow metric names); None/NaN dropped."""
+    flat: dict[str, float] = {}
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            flat.update(flatten_metrics(v, name))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+            flat[name] = float(v)
+    return flat
+
+
+def log_to_mlflow(run_id: str, metrics: dict[str, float], artifacts: Sequence[str | os.PathLike],
+                  artifact_path: str = "eval") -> None:
+    """Log metrics in one ``log_batch`` call (chunked at MLflow's 1000-metric limit) and the result files
+    to an existing run. MLFLOW_TRACKING_URI is respected (MLflow reads it)."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    ts = int(time.time() * 1000)
+    ms = [Metric(key=k, value=v, timestamp=ts, step=0) for k, v in metrics.items()]
+    for i in range(0, len(ms), 1000):
+        client.log_batch(run_id, metrics=ms[i: i + 1000])
+    for a in artifacts:
+        client.log_artifact(run_id, str(a), artifact_path=artifact_path)
+
+
+@dataclass
+class EvalResult:
+    """What a benchmark run produces: metrics (nested), per-record rows, per-key scores, markdown."""
+
+    benchmark: str
+    metrics: dict[str, Any]
+    records: list[dict[str, Any]]
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    table: str = ""
+
+    def payload(self, **extra: Any) -> dict[str, Any]:
+        return {"benchmark": self.benchmark, **extra, "metrics": self.metrics, "records": self.records,
+                "scores": self.scores}

@@ -1,0 +1,244 @@
+"""Streaming loader: split across ranks x workers, equal steps, exact resume, corrupt samples, and
+the full path through the real processor + collate."""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+
+import pytest
+import torch
+
+from data_prep.cli import main as prep
+from jrm_dist.data.loader import (StreamingLoader, make_plan, resolve_shards, shuffle_order)
+from jrm_dist.processing import IGNORE_INDEX
+
+
+def key_of(rec, images):
+    """Cheap encode step for the cursor tests: the group key (images untouched)."""
+    return rec["key"]
+
+
+def keys_batch(groups):
+    return {"keys": list(groups)}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """48 synthetic groups in 10 shards of uneven size (5 x 9 + 3)."""
+    out = str(tmp_path_factory.mktemp("shards") / "syn")
+    assert prep(["synthetic", "--out", out, "--groups", "48", "--seed", "5", "--max-count", "5", "--quiet"]) == 0
+    return out
+
+
+def all_keys(n, seed=5):
+    return {f"syn-{seed}-{i:08d}" for i in range(n)}
+
+
+def epoch_keys(loader):
+    batches = [b["keys"] for b in loader]
+    return batches, [k for b in batches for k in b]
+
+
+def make(shards, rank, world, workers=2, batch=3, **kw):
+    return StreamingLoader(shards, key_of, keys_batch, batch_size=batch, rank=rank, world_size=world,
+                           num_workers=workers, seed=11, shuffle_buffer=kw.pop("buf", 4), **kw)
+
+
+def test_split_covers_every_sample_exactly_once_2_ranks_x_2_workers(shards):
+    seen = []
+    lens = []
+    for rank in (0, 1):
+        loader = make(shards, rank, 2)
+        batches, keys = epoch_keys(loader)
+        assert len(batches) == len(loader)
+        lens.append(len(batches))
+        seen += keys
+    assert lens[0] == lens[1] == 2 * 4  # 48 / 4 slices = 12 samples per worker = 4 batches of 3
+    assert collections.Counter(seen) == collections.Counter(all_keys(48))
+    # the next epoch covers everything again, in another order
+    loader = make(shards, 0, 2)
+    e0 = epoch_keys(loader)[1]
+    e1 = epoch_keys(loader)[1]
+    assert loader.epoch == 2 and e0 != e1
+
+
+@pytest.mark.parametrize("even", ["pad", "drop"])
+def test_uneven_data_gives_equal_steps_on_every_rank(tmp_path, even):
+    out = str(tmp_path / "s")
+    assert prep(["synthetic", "--out", out, "--groups", "50", "--seed", "5", "--max-count", "7", "--quiet"]) == 0
+    seen, steps = [], []
+    for rank in (0, 1):
+        loader = make(out, rank, 2, even=even, batch=4)
+        batches, keys = epoch_keys(loader)
+        steps.append(len(batches))
+        assert len(batches) == len(loader)
+        seen += keys
+    counts = collections.Counter(seen)
+    assert steps[0] == steps[1]
+    if even == "pad":  # 50 -> 4 slices of 13: every sample once, 2 samples a second time
+        assert set(counts) == all_keys(50) and sum(counts.values()) == 52 and max(counts.values()) == 2
+    else:  # 4 slices of 12: 48 distinct samples, 2 left out this epoch
+        assert len(counts) == 48 and max(counts.values()) == 1
+
+
+def test_resume_mid_epoch_yields_exactly_the_remaining_samples(shards):
+    full = make(shards, 1, 2)
+    ref = [b["keys"] for b in full] + [b["keys"] for b in full]  # two epochs
+    for stop in (1, 3, 6):
+        first = make(shards, 1, 2)
+        got = []
+        for b in first:
+            got.append(b["keys"])
+            if len(got) == stop:
+                break
+        state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
+        resumed = make(shards, 1, 2)
+        resumed.load_state_dict(state)
+        got += [b["keys"] for b in resumed]
+        assert got == ref[: len(ref) // 2], f"stop={stop}"  # exact order, no repeat, no skip
+        got2 = [b["keys"] for b in resumed]
+        assert got2 == ref[len(ref) // 2:]
+
+
+def test_resume_at_the_end_of_an_epoch_starts_the_next(shards):
+    a = make(shards, 0, 2, workers=0)
+    it = iter(a)
+    n = len(a)
+    first = [next(it)["keys"] for _ in range(n)]  # the last batch handed out, iterator not exhausted
+    b = make(shards, 0, 2, workers=0)
+    b.load_state_dict(a.state_dict())
+    nxt = [x["keys"] for x in b]
+    ref = make(shards, 0, 2, workers=0)
+    assert [x["keys"] for x in ref] == first
+    assert [x["keys"] for x in ref] == nxt and b.epoch == 2
+
+
+def test_changed_world_size_restarts_the_epoch_and_says_so(shards, caplog):
+    a = make(shards, 0, 2)
+    it = iter(a)
+    next(it), next(it)
+    state = a.state_dict()
+    del it
+    b = make(shards, 0, 1)
+    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.loader"):
+        b.load_state_dict(state)
+    assert "world_size 2 -> 1" in caplog.text and "start of epoch 0" in caplog.text
+    keys = epoch_keys(b)[1]
+    assert collections.Counter(keys) == collections.Counter(all_keys(48))
+
+
+def test_shuffle_order_is_a_bounded_permutation():
+    order = shuffle_order(100, 8, seed=1, epoch=0, slot=0)
+    assert sorted(order) == list(range(100)) and order != list(range(100))
+    # a position is handed out at most bufsize-1 steps before the reader reaches it
+    assert all(x <= t + 7 for t, x in enumerate(order))
+    assert shuffle_order(100, 8, 1, 0, 0) == order and shuffle_order(100, 8, 1, 1, 0) != order
+    assert shuffle_order(10, 1, 1, 0, 0) == list(range(10))
+
+
+def test_brace_pattern_without_manifest_counts_samples(shards, tmp_path, caplog):
+    copy = tmp_path / "nomanifest"
+    copy.mkdir()
+    for n in os.listdir(shards):
+        if n.endswith(".tar"):
+            shutil.copy(os.path.join(shards, n), copy / n)
+    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.loader"):
+        from_pattern = resolve_shards(str(copy / "shard-{000000..000009}.tar"))
+    assert "counting its samples" in caplog.text
+    from_manifest = resolve_shards(shards)
+    assert [s.count for s in from_pattern] == [s.count for s in from_manifest] == [5] * 9 + [3]
+    # a brace pattern next to a manifest takes its counts from it (no counting pass)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.loader"):
+        assert [s.count for s in resolve_shards(os.path.join(shards, "shard-{000000..000009}.tar"))] == [5] * 9 + [3]
+    assert "counting" not in caplog.text
+    # pipe: URLs go through webdataset's gopen
+    pipe = [f"pipe:cat {os.path.join(shards, f'shard-{i:06d}.tar')}" for i in range(10)]
+    loader = StreamingLoader(pipe, key_of, keys_batch, batch_size=4, num_workers=0, shuffle_buffer=1)
+    assert collections.Counter(epoch_keys(loader)[1]) == collections.Counter(all_keys(48))
+
+
+# ---- real processor + collate ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from jrm_dist.backbones import build_tiny_tokenizer
+    from jrm_dist.processing import RewardProcessor
+    return RewardProcessor(build_tiny_tokenizer(), Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56))
+
+
+def test_full_pipeline_batches_through_processor_and_collate(tmp_path, processor):
+    from jrm_dist.config import DataConfig
+    out = str(tmp_path / "s")
+    assert prep(["synthetic", "--out", out, "--groups", "12", "--k", "3", "--max-count", "4", "--quiet"]) == 0
+    cfg = DataConfig(train_shards=out, groups_per_batch=2, num_workers=2, shuffle_buffer=4)
+    loader = StreamingLoader.from_config(cfg, processor, rank=0, world_size=1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2 * 3
+    b = batches[0]
+    assert b["input_ids"].shape[0] == 6  # 2 groups x K=3 candidates, in one micro-batch
+    assert (b["input_ids"][torch.arange(6), b["reward_pos"]] == processor.reward_token_id).all()
+    assert b["pixel_values"] is not None and b["image_grid_thw"].shape[0] == 12  # source + candidate each
+    lab = b["labels"]
+    for i in range(6):  # LM labels only after the reward token (the rationale), -100 elsewhere
+        on = (lab[i] != IGNORE_INDEX).nonzero().flatten()
+        assert len(on) > 0 and on.min() > b["reward_pos"][i]
+    text = processor.tokenizer.decode(b["input_ids"][0][lab[0] != IGNORE_INDEX])
+    assert text.startswith("The square is now")
+    # pairs: the asked colour wins against both others in each group; the two losers tie
+    assert b["win_idx"].numel() == b["lose_idx"].numel() == b["tie"].numel() == 2 * 3
+    assert collections.Counter(k for bb in batches for k in bb["keys"]) == \
+        collections.Counter(f"syn-0-{i:08d}" for i in range(12))
+    assert loader.stats()["data/corrupt_samples"] == 0
+
+
+def _rewrite_shard(path, mutate):
+    """Rewrite a tar shard, letting ``mutate(name, data)`` change member bytes."""
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            data = mutate(m.name, data)
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+
+
+def test_corrupt_samples_are_skipped_counted_and_steps_stay_equal(tmp_path, processor, caplog):
+    out = str(tmp_path / "s")
+    assert prep(["synthetic", "--out", out, "--groups", "24", "--max-count", "6", "--quiet"]) == 0
+    bad_key = "syn-0-00000002"  # in shard 0: its candidate image becomes garbage
+    _rewrite_shard(os.path.join(out, "shard-000000.tar"),
+                   lambda name, data: b"not a png" if name == f"{bad_key}.c1_0.png" else data)
+    path = os.path.join(out, "shard-000003.tar")  # truncated in the middle of its 4th sample
+    members = tarfile.open(path).getmembers()
+    cut = [m for m in members if m.name.startswith("syn-0-00000021.")][1].offset_data + 10
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    from functools import partial
+
+    from jrm_dist.data.collate import Collator
+    from jrm_dist.data.loader import _encode
+    from jrm_dist.data.collate import encode_group
+    enc = partial(_encode, processor=processor, rank_by="overall", use_rationale=True, encode_group=encode_group)
+    seen, steps, corrupt = [], [], 0
+    for rank in (0, 1):
+        loader = StreamingLoader(out, enc, Collator(processor), batch_size=2, rank=rank, world_size=2,
+                                 num_workers=2, shuffle_buffer=3)
+        with caplog.at_level(logging.WARNING, logger="jrm_dist.data.loader"):
+            batches = list(loader)
+        steps.append(len(batches))
+        assert len(batches) == len(loader)
+        seen += [k for b in batches for k in b["keys"]]
+        corrupt += loader.stats()["data/corrupt_samples"]
+    assert steps[0] == steps[1]
+    lost = {bad_key} | {f"syn-0-{i:08d}" for i in (21, 22, 23)}  # 21 cut mid-sample, 22-23 never read
+    assert corrupt == len(lost)
+    assert set(seen) == all_keys(24, seed=0) - lost
+    assert bad_key in caplog.text and "shard-000003.tar" in caplog.text
