@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import os
 import sys
 import time
@@ -126,6 +125,9 @@ def _write_command(args: argparse.Namespace, argv: list[str]) -> int:
         raise PrepError("--max-count and --shard-size must be positive")
     extra: dict[str, Any] = {}
     if args.cmd == "synthetic":
+        from .synthetic import COLOURS
+        if not 2 <= args.k <= len(COLOURS) or args.image_size < 8 or args.groups < 0:
+            raise PrepError(f"need 2 <= --k <= {len(COLOURS)}, --image-size >= 8, --groups >= 0")
         options = {"groups": args.groups, "seed": args.seed, "k": args.k, "image_size": args.image_size,
                    "max_pixels": args.max_pixels}
         writer = ResumableShardWriter(args.out, source="synthetic", command=command, options=options, **common)

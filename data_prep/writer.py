@@ -108,6 +108,15 @@ def dump_record(rec: dict) -> bytes:
     return json.dumps(rec, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+class DiskSizeShardWriter(wds.ShardWriter):
+    """ShardWriter whose --shard-size counts bytes on disk: it counts payload only, so small images
+    would otherwise give shards several times the asked size (512-byte header + padding per file)."""
+
+    def write(self, obj):
+        super().write(obj)
+        self.size += sum(512 + (-len(v)) % 512 for k, v in obj.items() if not k.startswith("_"))
+
+
 class ResumableShardWriter:
     """Writes samples to ``out_dir/shard-NNNNNN.tar`` plus manifest.json and rejects.jsonl."""
 
@@ -126,10 +135,9 @@ class ResumableShardWriter:
         self.skip_inputs = 0                   # first input index still to process
         self.seen_keys: set[str] = set()
         self.rejected_keys: set[str] = set()
-        self._writer: wds.ShardWriter | None = None
+        self._writer: DiskSizeShardWriter | None = None
         self._cursor = 0
         self._n_rejects = 0
-        self._written_session = 0
         self._prepare(overwrite)
         self._rejects = open(os.path.join(out_dir, REJECTS), "a", encoding="utf-8")
 
@@ -234,7 +242,7 @@ class ResumableShardWriter:
         self._cursor = index  # a shard closed by this call covers inputs < index
         if self._writer is None:
             pattern = os.path.join(self.out_dir.replace("%", "%%"), SHARD_PATTERN)
-            self._writer = wds.ShardWriter(
+            self._writer = DiskSizeShardWriter(
                 pattern, maxcount=self.max_count, maxsize=self.shard_size, post=self._post,
                 start_shard=len(self.done), verbose=0, opener=self._open, encoder=False,
                 mtime=FIXED_MTIME, user="jrm", group="jrm", mode=0o444)
@@ -242,7 +250,6 @@ class ResumableShardWriter:
         self._writer.write(sample)
         self._shard_count += 1
         self.seen_keys.add(key)
-        self._written_session += 1
 
     def reject(self, item: Item | None, key: str | None, reason: str, detail: str,
                line: dict[str, Any] | None = None) -> None:

@@ -114,6 +114,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2
+    step_log: bool = True  # append per-step losses + every rank's group keys to <output_dir>/steps.jsonl (audit, resume checks)
 
 
 @dataclass
@@ -197,6 +198,11 @@ def _coerce(key: str, tp, value):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -93,11 +93,13 @@ def gaussian_rank_loss(mu: torch.Tensor, log_var: torch.Tensor, win_idx: torch.T
     if tie is not None and ties == "ignore":
         keep = ~tie
         win_idx, lose_idx, tie = win_idx[keep], lose_idx[keep], None
-    m = float(tie_margin) if ties == "model" else 0.0
+    # the three-outcome model (margin m) applies whenever tie labels are given (even all False);
+    # tie=None is two-outcome data: plain formulas (as in the reference)
+    m = float(tie_margin) if tie is not None else 0.0
     if tie is not None and m <= 0.0:
         raise ValueError("tie_margin must be > 0 when ties are modelled")
     if tie is not None and not bool(tie.any()):
-        tie = None
+        tie = None  # same margin, no tie rows: skip the tie branch
     if pick_backend(mu.device, backend) == "triton":
         fn = _triton_module("gaussian_rank").RankLossTriton
     else:

@@ -17,6 +17,8 @@ SQRT2 = math.sqrt(2.0)
 INV_SQRT2 = 1.0 / SQRT2
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+NARROW = 0.01  # tie intervals narrower than this (relative to max(|centre|, 1)) use a Taylor series
 MODE_IDS = {"thurstone": 0, "bt_expected": 1, "bt": 2}
 
 
@@ -36,7 +38,7 @@ def _neg_log_ndtr_grad(u):
 
 
 def _neg_log_interval_grad(c, h):
-    """-log(Phi(c + h) - Phi(c - h)) for h > 0 and its derivatives w.r.t. a = c - h and b = c + h.
+    """-log(Phi(c + h) - Phi(c - h)) for h > 0 and its derivatives w.r.t. the centre c and half-width h.
 
     Reflected so the midpoint is <= 0; a straddling interval uses erf (a sum of positives), a tail interval
     log Phi(b) + log(1 - Phi(a)/Phi(b)) with erfcx, the quadratic difference formed exactly as 2 h c.
@@ -59,7 +61,8 @@ def _neg_log_interval_grad(c, h):
     diff = torch.log(ex_a) - torch.log(ex_b) + quad
     diff = diff.clamp(max=-1e-30)
     one_minus = -torch.expm1(diff)
-    log1mexp = torch.where(diff > -math.log(2.0), torch.log(one_minus), torch.log1p(-torch.exp(diff)))
+    near = diff > -math.log(2.0)
+    log1mexp = torch.where(near, torch.log(one_minus), torch.log1p(-torch.exp(torch.where(near, -1.0, diff))))
     log_phi_b = -0.5 * bt * bt + torch.log(0.5 * ex_b)
     loss_tail = -(log_phi_b + log1mexp)
     rb_tail = SQRT_2_OVER_PI / ex_b / one_minus
@@ -70,7 +73,21 @@ def _neg_log_interval_grad(c, h):
     # dL/da = phi(a)/D, dL/db = -phi(b)/D in original coordinates; reflection swaps the roles of a and b
     ga = torch.where(flip, rb, ra)
     gb = -torch.where(flip, ra, rb)
-    return loss, ga, gb
+    # narrow interval (h max(|c|, 1) < 0.01, e.g. huge variances): both branches above cancel in fp32; use
+    # D = 2 h phi(c) (1 + q), q = (c^2 - 1) h^2 / 6 + (c^4 - 6 c^2 + 3) h^4 / 120 (Taylor, next term ~1e-11)
+    narrow = h * torch.clamp(c.abs(), min=1.0) < NARROW
+    c = torch.where(narrow, c, 0.0)  # other lanes: harmless inputs (no inf / NaN even where not selected)
+    h = torch.where(narrow, h, NARROW)
+    c2, h2 = c * c, h * h
+    q = (c2 - 1.0) * h2 / 6.0 + (c2 * c2 - 6.0 * c2 + 3.0) * h2 * h2 / 120.0
+    dq_dc = c * h2 / 3.0 + (4.0 * c2 - 12.0) * c * h2 * h2 / 120.0
+    dq_dh = (c2 - 1.0) * h / 3.0 + (c2 * c2 - 6.0 * c2 + 3.0) * h2 * h / 30.0
+    loss_n = -torch.log(2.0 * h) + 0.5 * c2 + LOG_SQRT_2PI - torch.log1p(q)
+    dl_dc = c - dq_dc / (1.0 + q)
+    dl_dh = -1.0 / h - dq_dh / (1.0 + q)
+    loss = torch.where(narrow, loss_n, loss)
+    # derivatives w.r.t. centre and half-width (a = c - h, b = c + h): no a*ga + b*gb cancellation
+    return loss, torch.where(narrow, dl_dc, ga + gb), torch.where(narrow, dl_dh, gb - ga)
 
 
 def _rao_kupper_grad(x, tie, m, const):
@@ -85,9 +102,10 @@ def _rao_kupper_grad(x, tie, m, const):
 
 
 def rank_terms(mu, log_var, win_idx, lose_idx, tie, mode: str, m: float):
-    """Per-pair loss and the per-pair gradient coefficients (dL/dz, dL/dlv_w, dL/dlv_l), all fp32."""
-    mu = mu.float()
-    lv = log_var.float()
+    """Per-pair loss and the per-pair gradient coefficients (dL/dz, dL/dlv_w, dL/dlv_l), at least fp32."""
+    dt = torch.promote_types(mu.dtype, torch.float32)  # fp32 math for bf16/fp16, fp64 stays fp64
+    mu = mu.to(dt)
+    lv = log_var.to(dt)
     z = mu[win_idx] - mu[lose_idx]
     lv_w, lv_l = lv[win_idx], lv[lose_idx]
     log_v = torch.logaddexp(lv_w, lv_l)
@@ -100,11 +118,10 @@ def rank_terms(mu, log_var, win_idx, lose_idx, tie, mode: str, m: float):
         if tie is not None:
             zt = torch.where(tie, z, torch.zeros_like(z))
             c, h = -zt * inv_s, m * inv_s
-            t_loss, ga, gb = _neg_log_interval_grad(c, h)
-            a, b = c - h, c + h
+            t_loss, gc, gh = _neg_log_interval_grad(c, h)
             loss = torch.where(tie, t_loss, loss)
-            gz = torch.where(tie, -inv_s * (ga + gb), gz)
-            glv = torch.where(tie, -0.5 * (a * ga + b * gb), glv)
+            gz = torch.where(tie, -inv_s * gc, gz)  # c = -z / s, h = m / s: both scale as s^-1
+            glv = torch.where(tie, -0.5 * (c * gc + h * gh), glv)
     elif mode == "bt_expected":
         s2 = torch.exp(0.5 * log_v) * SQRT2
         const = rao_kupper_const(m)
@@ -140,13 +157,13 @@ class RankLossTorch(torch.autograd.Function):
     def backward(ctx, g):
         win_idx, lose_idx, gz, gw, gl = ctx.saved_tensors
         k, mu_dtype, lv_dtype, reduction, mode = ctx.meta
-        g = g.float()
+        g = g.to(gz.dtype)
         if reduction == "mean":
             g = g / max(gz.numel(), 1)
         dz = gz * g
-        dmu = torch.zeros(k, dtype=torch.float32, device=gz.device)
+        dmu = torch.zeros(k, dtype=gz.dtype, device=gz.device)
         dmu.index_add_(0, win_idx, dz).index_add_(0, lose_idx, -dz)
-        dlv = torch.zeros(k, dtype=torch.float32, device=gz.device)
+        dlv = torch.zeros(k, dtype=gz.dtype, device=gz.device)
         if mode != "bt":
             dlv.index_add_(0, win_idx, gw * g).index_add_(0, lose_idx, gl * g)
         return dmu.to(mu_dtype), dlv.to(lv_dtype), None, None, None, None, None, None

@@ -19,11 +19,13 @@ def log1p(x):
 @triton.jit
 def expm1(x):
     """e^x - 1 accurate near 0 (Kahan: (u - 1) x / log u), plain exp(x) - 1 for |x| > 0.5."""
-    u = tl.exp(x)
+    big = tl.abs(x) > 0.5
+    xs = tl.where(big, 0.25, x)  # the small-x formula only ever sees small inputs (no log(0) elsewhere)
+    u = tl.exp(xs)
     lu = tl.log(u)
     safe_lu = tl.where(lu == 0.0, 1.0, lu)
-    small = tl.where(lu == 0.0, x, (u - 1.0) * (x / safe_lu))
-    return tl.where(tl.abs(x) > 0.5, u - 1.0, small)
+    small = tl.where(lu == 0.0, xs, (u - 1.0) * (xs / safe_lu))
+    return tl.where(big, tl.exp(x) - 1.0, small)
 
 
 @triton.jit

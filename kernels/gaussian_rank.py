@@ -20,6 +20,8 @@ from jrm_dist.losses import GH_W, GH_X
 from . import _tl_math as tm
 from ._rank_torch import MODE_IDS, rao_kupper_const
 
+NARROW: tl.constexpr = tl.constexpr(0.01)  # = _rank_torch.NARROW
+
 BLOCK = 128
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT2 = 1.0 / _SQRT2
@@ -41,7 +43,7 @@ def _neg_log_ndtr_grad(u):
 
 @triton.jit
 def _neg_log_interval_grad(c, h):
-    """-log(Phi(c + h) - Phi(c - h)), h > 0, and d/da, d/db (a = c - h, b = c + h); see _rank_torch."""
+    """-log(Phi(c + h) - Phi(c - h)), h > 0, and d/dc, d/dh; see _rank_torch._neg_log_interval_grad."""
     flip = c > 0
     cc = tl.where(flip, -c, c)
     a = cc - h
@@ -59,7 +61,8 @@ def _neg_log_interval_grad(c, h):
     quad = 2.0 * h * (bt - h)
     diff = tl.minimum(tl.log(ex_a) - tl.log(ex_b) + quad, -1e-30)
     one_minus = -tm.expm1(diff)
-    log1mexp = tl.where(diff > -0.6931471805599453, tl.log(one_minus), tm.log1p(-tl.exp(diff)))
+    near = diff > -0.6931471805599453
+    log1mexp = tl.where(near, tl.log(one_minus), tm.log1p(-tl.exp(tl.where(near, -1.0, diff))))
     loss_tail = -(-0.5 * bt * bt + tl.log(0.5 * ex_b) + log1mexp)
     rb_tail = 0.7978845608028654 / ex_b / one_minus
     ra_tail = rb_tail * tl.exp(quad)
@@ -68,7 +71,21 @@ def _neg_log_interval_grad(c, h):
     rb = tl.where(straddle, rb_mid, rb_tail)
     ga = tl.where(flip, rb, ra)
     gb = -tl.where(flip, ra, rb)
-    return loss, ga, gb
+    # narrow interval: Taylor series of D = 2 h phi(c) (1 + q), see _rank_torch._neg_log_interval_grad
+    narrow = h * tl.maximum(tl.abs(c), 1.0) < NARROW
+    cn = tl.where(narrow, c, 0.0)  # other lanes get harmless inputs (no inf / NaN even where not selected)
+    hn = tl.where(narrow, h, NARROW)
+    c2 = cn * cn
+    h2 = hn * hn
+    q = (c2 - 1.0) * h2 / 6.0 + (c2 * c2 - 6.0 * c2 + 3.0) * h2 * h2 / 120.0
+    dq_dc = cn * h2 / 3.0 + (4.0 * c2 - 12.0) * cn * h2 * h2 / 120.0
+    dq_dh = (c2 - 1.0) * hn / 3.0 + (c2 * c2 - 6.0 * c2 + 3.0) * h2 * hn / 30.0
+    loss_n = -tl.log(2.0 * hn) + 0.5 * c2 + 0.9189385332046727 - tm.log1p(q)
+    dl_dc = cn - dq_dc / (1.0 + q)
+    dl_dh = -1.0 / hn - dq_dh / (1.0 + q)
+    loss = tl.where(narrow, loss_n, loss)
+    # derivatives w.r.t. centre and half-width (a = c - h, b = c + h): no a*ga + b*gb cancellation
+    return loss, tl.where(narrow, dl_dc, ga + gb), tl.where(narrow, dl_dh, gb - ga)
 
 
 @triton.jit
@@ -114,10 +131,10 @@ def _rank_fwd_kernel(mu_ptr, lv_ptr, win_ptr, lose_ptr, tie_ptr, ghx_ptr, ghw_pt
             zt = tl.where(is_tie, z, 0.0)
             c = -zt * inv_s
             h = m * inv_s
-            t_loss, ga, gb = _neg_log_interval_grad(c, h)
+            t_loss, gc, gh = _neg_log_interval_grad(c, h)
             loss = tl.where(is_tie, t_loss, loss)
-            gz = tl.where(is_tie, -inv_s * (ga + gb), gz)
-            glv = tl.where(is_tie, -0.5 * ((c - h) * ga + (c + h) * gb), glv)
+            gz = tl.where(is_tie, -inv_s * gc, gz)
+            glv = tl.where(is_tie, -0.5 * (c * gc + h * gh), glv)
     elif MODE == 1:  # bt_expected: E over N(z, v) by Gauss–Hermite, nodes unrolled
         s2 = tl.exp(0.5 * log_v) * 1.4142135623730951
         loss = tl.zeros_like(z)

@@ -12,7 +12,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from data_prep.cli import main
@@ -103,7 +102,7 @@ def test_editreward_each_reject_reason_once_and_good_rows_land(tmp_path):
     write_parquet(tmp_path / "part-0.parquet", rows)
     out = str(tmp_path / "out")
     assert main(["editreward", "--input", str(tmp_path), "--images", str(tmp_path / "imgs"), "--out", out,
-                 "--max-count", "3", "--quiet"]) == 0
+                 "--max-count", "3", "--workers", "2", "--quiet"]) == 0
 
     rej = rejects(out)
     assert sorted(r["reason"] for r in rej) == sorted(bad)
@@ -130,6 +129,19 @@ def test_editreward_each_reject_reason_once_and_good_rows_land(tmp_path):
     assert manifest["total_samples"] == 7 and manifest["rejected"] == 6 and manifest["input_records"] == 13
     assert [s["count"] for s in manifest["shards"]] == [3, 3, 1]
     assert main(["verify", out, "--quiet"]) == 0
+
+
+def test_editreward_resume_skips_whole_row_groups(tmp_path):
+    from data_prep import editreward
+    for f in range(2):
+        write_parquet(tmp_path / f"p{f}.parquet", [er_row(f"k{f}-{i}") for i in range(10)], row_group_size=4)
+    files = editreward.list_parquet([str(tmp_path)])
+    full = list(editreward.iter_items(files))
+    assert [it.index for it in full] == list(range(20)) and editreward.count_rows(files) == 20
+    for skip in (0, 3, 4, 9, 10, 13, 19, 20):
+        part = list(editreward.iter_items(files, skip))
+        assert [(it.index, it.file, it.locator, it.key) for it in part] == \
+               [(it.index, it.file, it.locator, it.key) for it in full[skip:]]
 
 
 # ---- generic JSONL ------------------------------------------------------------------------------
@@ -215,13 +227,13 @@ def test_two_runs_give_byte_identical_shards(tmp_path):
 
 def _prep_cmd(out, groups):
     return [sys.executable, "-m", "data_prep.cli", "synthetic", "--out", out, "--groups", str(groups),
-            "--seed", "3", "--k", "3", "--image-size", "96", "--max-count", "20", "--quiet"]
+            "--seed", "3", "--k", "3", "--image-size", "64", "--max-count", "10", "--quiet"]
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
-    groups = 1200
+    groups = 400
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
-    subprocess.run(_prep_cmd(ref, groups), check=True, cwd=REPO, capture_output=True)
+    assert main(_prep_cmd(ref, groups)[3:]) == 0
     journal = os.path.join(out, ".jrm-prep-progress.jsonl")
     proc = subprocess.Popen(_prep_cmd(out, groups), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -233,9 +245,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     proc.wait()
     assert not os.path.exists(os.path.join(out, "manifest.json")), "the run finished before it could be killed"
     n_before = len([n for n in os.listdir(out) if n.endswith(".tar")])
-    assert 3 <= n_before < groups // 20
-    res = subprocess.run(_prep_cmd(out, groups), cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    assert 3 <= n_before < groups // 10
+    assert main(_prep_cmd(out, groups)[3:]) == 0  # the rerun resumes
     assert shard_digests(out) == shard_digests(ref)
     assert load_manifest(out)[0]["shards"] == load_manifest(ref)[0]["shards"]
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
@@ -263,6 +274,17 @@ def test_interrupted_jsonl_run_keeps_rejects_exact(tmp_path):
     # rerunning a finished job changes nothing
     assert main(args + ["--out", out]) == 0
     assert shard_digests(out) == shard_digests(ref) and rejects(out) == rejects(ref)
+
+
+def test_shard_size_rolls_shards_by_bytes(tmp_path):
+    out = str(tmp_path / "o")
+    assert main(["synthetic", "--out", out, "--groups", "40", "--shard-size", "20KB", "--quiet"]) == 0
+    manifest = load_manifest(out)[0]
+    sizes = [s["bytes"] for s in manifest["shards"]]
+    assert len(sizes) > 3 and sum(s["count"] for s in manifest["shards"]) == 40
+    # on-disk bytes: at most one sample (~4 KB with tar headers) past the target, plus tar's final 10 KB record
+    assert max(sizes) <= 20_000 + 5_000 + 10_240
+    assert main(["synthetic", "--out", str(tmp_path / "bad"), "--groups", "4", "--k", "9", "--quiet"]) == 2
 
 
 def test_other_job_in_out_dir_is_refused(tmp_path, capsys):

@@ -25,7 +25,8 @@ sequence for the few missing positions (at most P - 1 samples repeated per epoch
 ``even="drop"`` uses L = floor(N / P) and leaves at most P - 1 samples out (different ones each
 epoch, since the shard order is reshuffled). Every worker of every rank therefore yields exactly
 ceil(L / B) batches, and every rank ``len(loader)`` batches per epoch. A corrupt sample makes its
-batch smaller, never absent: a batch whose samples are all corrupt repeats the previous good group.
+batch smaller, never absent: a batch whose samples are all corrupt repeats a good group of the same
+slice (the previous one; right after a start or resume, the next one).
 
 Resume across a changed world size, worker count, batch size, seed or shard set cannot map cursors
 one to one: the loader then restarts the checkpoint's epoch from its beginning and logs so.
@@ -44,7 +45,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import braceexpand
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
 from webdataset.tariterators import tar_file_iterator
@@ -101,6 +101,8 @@ def resolve_shards(spec: str | Sequence[str], shard_root: str | None = None) -> 
     Without a manifest the sample counts (needed for equal steps and the cursor) come from a
     manifest.json next to local shards when it lists them, else from one counting pass (logged).
     """
+    if not spec:
+        raise ValueError("no shards given (data.train_shards / eval_shards is empty)")
     if isinstance(spec, str):
         if os.path.isdir(spec):
             spec = os.path.join(spec, "manifest.json")
@@ -279,13 +281,18 @@ class SliceReader:
                 return sample
         return _Corrupt(self._dead or "unreadable")
 
-    def get(self, x: int) -> Any:
-        """The raw sample at slice position ``x`` (a dict of bytes) or a _Corrupt marker."""
+    def peek(self, x: int) -> Any:
+        """The raw sample at slice position ``x`` (a dict of bytes) or a _Corrupt marker; kept."""
         while x not in self.held:
             pos = self.next_pos
             self.next_pos += 1
             if pos in self.pending:
                 self.held[pos] = self._read(*self.plan.locate(pos))
+        return self.held[x]
+
+    def get(self, x: int) -> Any:
+        """Like peek, and the position is handed out (forgotten)."""
+        self.peek(x)
         self.pending.discard(x)
         return self.held.pop(x)
 
@@ -344,6 +351,18 @@ class GroupStream(IterableDataset):
                          n_slots=self.world_size * self.n_workers, seed=self.seed, bufsize=self.shuffle_buffer,
                          even=self.even, shuffle_shards=self.shuffle_shards)
 
+    def _encode(self, plan: SlicePlan, x: int, raw: Any) -> tuple[Any, str | None]:
+        """(encoded group, None) or (None, why it is corrupt: shard#index, key, reason)."""
+        shard, idx = plan.locate(x)
+        where = f"{os.path.basename(plan.shards[shard].url)}#{idx}"
+        if isinstance(raw, _Corrupt):
+            return None, f"{where}: {raw.reason}"
+        try:
+            rec, images = decode_sample(raw)
+            return self.encode_fn(rec, images), None
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            return None, f"{where} ({raw.get('__key__')}): {type(exc).__name__}: {exc}"
+
     def __iter__(self):
         info = get_worker_info()
         wid = info.id if info is not None else 0
@@ -359,25 +378,22 @@ class GroupStream(IterableDataset):
                 end = min(cursor + self.batch_size, plan.length)
                 groups, corrupt = [], []
                 for x in plan.emission[cursor:end]:
-                    raw = reader.get(x)
-                    shard, idx = plan.locate(x)
-                    where = f"{os.path.basename(plan.shards[shard].url)}#{idx}"
-                    if isinstance(raw, _Corrupt):
-                        corrupt.append(f"{where}: {raw.reason}")
-                        continue
-                    try:
-                        rec, images = decode_sample(raw)
-                        groups.append(self.encode_fn(rec, images))
-                    except (ValueError, KeyError, TypeError, OSError) as exc:
-                        corrupt.append(f"{where} ({raw.get('__key__')}): {type(exc).__name__}: {exc}")
+                    group, why = self._encode(plan, x, reader.get(x))
+                    if why is None:
+                        groups.append(group)
+                    else:
+                        corrupt.append(why)
                 substituted = 0
                 if groups:
                     last_good = groups[-1]
-                elif last_good is not None:
+                else:  # keep the step: repeat the last good group, or borrow the next one (read again later)
+                    if last_good is None:
+                        last_good = next((g for g, why in (self._encode(plan, x, reader.peek(x))
+                                                           for x in plan.emission[end:]) if why is None), None)
+                    if last_good is None:
+                        raise RuntimeError(f"rank {self.rank} worker slot {slot} epoch {self.epoch}: every sample "
+                                           f"of this slice is corrupt, e.g. {corrupt[:3]}")
                     groups, substituted = [last_good], 1
-                else:
-                    raise RuntimeError(f"rank {self.rank} worker slot {slot} epoch {self.epoch}: every sample of its "
-                                       f"first batch is corrupt: {corrupt}")
                 batch = self.collate_fn(groups)
                 cursor = end
                 batch["loader"] = {"slot": slot, "cursor": cursor, "epoch": self.epoch, "corrupt": corrupt,
@@ -478,8 +494,11 @@ class StreamingLoader:
                 "shards": shards_digest(d.shards)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "rank": self.dataset.rank, "epoch": self.epoch, "cursors": list(self.cursors),
-                "next_slot": self.next_slot, "corrupt_samples": self.corrupt_samples,
+        epoch, cursors, next_slot = self.epoch, list(self.cursors), self.next_slot
+        if all(c >= self.samples_per_slot for c in cursors):  # the epoch's last batch was handed out
+            epoch, cursors, next_slot = epoch + 1, [0] * len(cursors), 0
+        return {"version": STATE_VERSION, "rank": self.dataset.rank, "epoch": epoch, "cursors": cursors,
+                "next_slot": next_slot, "corrupt_samples": self.corrupt_samples,
                 "substituted_batches": self.substituted_batches, **self._layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -190,3 +190,66 @@ class EvalResult:
     def payload(self, **extra: Any) -> dict[str, Any]:
         return {"benchmark": self.benchmark, **extra, "metrics": self.metrics, "records": self.records,
                 "scores": self.scores}
+
+
+class ParquetRows:
+    """Rows of one or more parquet files: small columns read eagerly, image columns read on demand one row
+    group at a time (a one-entry cache; items are scored in row order, so each row group is read once)."""
+
+    def __init__(self, files: Sequence[Path], image_columns: Sequence[str], required: Sequence[str]):
+        import pyarrow.parquet as pq
+
+        self.files = [Path(f) for f in files]
+        self.image_columns = list(image_columns)
+        self.rows: list[dict[str, Any]] = []
+        self.where: list[tuple[int, int, int]] = []  # (file, row group, row in group)
+        self._cache: tuple[tuple[int, int], dict[str, list]] | None = None
+        for fi, f in enumerate(self.files):
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            missing = [c for c in list(required) + self.image_columns if c not in names]
+            if missing:
+                raise BenchmarkFormatError(f"{f}: missing column(s) {missing}; has {sorted(names)}")
+            small = [c for c in pf.schema_arrow.names if c not in self.image_columns]
+            for rg in range(pf.num_row_groups):
+                part = pf.read_row_group(rg, columns=small).to_pylist()
+                self.rows += part
+                self.where += [(fi, rg, j) for j in range(len(part))]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def file_of(self, i: int) -> Path:
+        return self.files[self.where[i][0]]
+
+    def image_cell(self, i: int, column: str) -> Any:
+        import pyarrow.parquet as pq
+
+        fi, rg, j = self.where[i]
+        if self._cache is None or self._cache[0] != (fi, rg):
+            tbl = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=self.image_columns)
+            self._cache = ((fi, rg), {c: tbl.column(c).to_pylist() for c in self.image_columns})
+        return self._cache[1][column][j]
+
+
+def find_parquet(folder: Path, what: str) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*.parquet") if p.is_file())
+    if not files:
+        raise BenchmarkFormatError(f"{folder}: no .parquet files for {what}")
+    return files
+
+
+def content_key(*parts: bytes | str | None) -> str:
+    """A key for de-duplicating identical scoring inputs (sha1 over the parts, length-prefixed)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in parts:
+        b = b"" if p is None else (p.encode() if isinstance(p, str) else p)
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()[:20]
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.2f}"

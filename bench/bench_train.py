@@ -1,0 +1,211 @@
+"""Training-step benchmark: JRM's joint step vs an EditReward-style baseline, and ZeRO-3 memory per rank.
+
+    python bench/bench_train.py [--backbone DIR] [--vocab 151936] [--groups 4] [--steps 5]
+
+Part 1 (one process each, plain PyTorch, same tiny backbone, same synthetic groups, AdamW):
+  ours      one forward over all candidates of the micro-batch; LM cross-entropy only at the labelled
+            rationale positions (gather, then project); closed-form Thurstone rank loss.
+  baseline  EditReward-style: candidate A batch forward, then candidate B batch forward; LM loss from the
+            full [B, T, V] logits; 1000-sample Monte-Carlo Bradley-Terry rank loss.
+  Reported: pairs/s and peak RSS (each method runs in its own child process, so ru_maxrss is its own).
+  --vocab resizes the tiny backbone's vocabulary to a real one (Qwen2.5: 151936) so the full-logits cost
+  is what a real run pays; the transformer stays tiny.
+
+Part 2: ``jrm_dist.train`` with ZeRO-3 on 1 and on 2 CPU ranks (gloo), 2 steps each: parameters +
+  optimizer state held per rank (from <run>/ranks/rank_*.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_backbone(base: str | None, vocab: int, tmp: Path) -> str:
+    from jrm_dist.backbones import build_tiny_backbone
+
+    path = Path(base) if base else build_tiny_backbone(tmp / "tiny")
+    if vocab <= 0:
+        return str(path)
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from jrm_dist.backbones import load_image_processor, load_tokenizer
+
+    out = tmp / f"tiny-vocab{vocab}"
+    if not (out / "config.json").exists():
+        m = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32)
+        m.resize_token_embeddings(vocab, mean_resizing=False)
+        m.save_pretrained(out, safe_serialization=True)
+        load_tokenizer(str(path)).save_pretrained(out)
+        load_image_processor(str(path)).save_pretrained(out)
+    return str(out)
+
+
+def batches(backbone: str, n_groups: int, steps: int):
+    from data_prep.synthetic import make_group
+    from jrm_dist.data.collate import Collator, encode_group
+    from jrm_dist.processing import RewardProcessor
+
+    proc = RewardProcessor.from_pretrained(backbone, max_pixels=3136, min_pixels=784, max_length=512)
+    col = Collator(proc)
+    return proc, [col([encode_group(proc, *make_group(0, s * n_groups + g)) for g in range(n_groups)])
+                  for s in range(steps + 1)]
+
+
+def baseline_step(model, batch, alpha: float, n_mc: int = 1000):
+    """EditReward-style: two passes (A then B), full-vocab logits for the LM loss, Monte-Carlo BT."""
+    import torch
+    import torch.nn.functional as F
+
+    from jrm_dist.losses import mc_bt_loss
+
+    win, lose = batch["win_idx"], batch["lose_idx"]
+    mus, lvs, lm_sum, lm_n = [], [], 0.0, 0
+    for rows in (win, lose):
+        sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "reward_pos")}
+        pv, grid = [], []
+        # pixel rows of the selected candidates (each candidate: its own images, in order)
+        counts = (batch["image_grid_thw"].prod(-1)).tolist()
+        per_seq = len(counts) // batch["input_ids"].shape[0]
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        for r in rows.tolist():
+            for j in range(r * per_seq, (r + 1) * per_seq):
+                pv.append(batch["pixel_values"][starts[j]:starts[j + 1]])
+                grid.append(batch["image_grid_thw"][j:j + 1])
+        out = model.backbone(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
+                             mm_token_type_ids=sub["mm_token_type_ids"], pixel_values=torch.cat(pv),
+                             image_grid_thw=torch.cat(grid), output_hidden_states=True, use_cache=False)
+        h = out.hidden_states[-1]
+        feats = h[torch.arange(h.shape[0]), sub["reward_pos"]]
+        mu, lv = model.reward_head(feats)
+        mus.append(mu)
+        lvs.append(lv)
+        logits = out.logits[:, :-1].float()  # [B, T, V]: the full vocabulary at every position
+        labels = sub["labels"][:, 1:]
+        lm_sum = lm_sum + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                          ignore_index=-100, reduction="sum")
+        lm_n += int((labels != -100).sum())
+    n = len(win)
+    mu = torch.cat(mus)
+    lv = torch.cat(lvs)
+    rank = mc_bt_loss(mu, lv, torch.arange(n), torch.arange(n, 2 * n), n_samples=n_mc)
+    return (1 - alpha) * rank + alpha * lm_sum / max(lm_n, 1)
+
+
+def worker(args) -> None:
+    """One method in this process: warm-up step, then timed steps; prints a JSON line."""
+    import torch
+
+    from jrm_dist.config import load_config
+    from jrm_dist.engine import build_model, build_optimizer, param_groups
+    from jrm_dist.objective import joint_objective
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"model.name={args.backbone}", "model.lm_ce=auto"])
+    proc, data = batches(args.backbone, args.groups, args.steps)
+    model = build_model(cfg, proc.reward_token_id, None)
+    opt = build_optimizer(param_groups(model, cfg), cfg)
+    pairs = 0
+    t0 = None
+    for i, b in enumerate(data):
+        if i == 1:
+            t0 = time.perf_counter()
+        if args.worker == "ours":
+            loss = joint_objective(model(b), b, cfg.loss, i)["loss"]
+        else:
+            loss = baseline_step(model, b, cfg.loss.alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 1:
+            pairs += int(b["win_idx"].numel())
+    dt = time.perf_counter() - t0
+    print(json.dumps({"method": args.worker, "pairs_per_s": pairs / dt, "step_s": dt / args.steps,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_worker(method: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--backbone", args.backbone, "--groups", str(args.groups),
+           "--steps", str(args.steps), "--threads", str(args.threads)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if p.returncode != 0:
+        raise SystemExit(f"{method} worker failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def zero_memory(backbone: str, tmp: Path) -> dict[int, dict]:
+    """Per-rank parameter + optimizer bytes of jrm_dist.train (ZeRO-3) on 1 and 2 ranks."""
+    from data_prep.cli import main as prep
+
+    shards = tmp / "shards"
+    if not (shards / "manifest.json").exists():
+        prep(["synthetic", "--out", str(shards), "--groups", "16", "--seed", "0", "--quiet"])
+    res = {}
+    for world in (1, 2):
+        out = tmp / f"zero_w{world}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               "-m", "jrm_dist.train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"model.name={backbone}",
+               f"data.train_shards={shards}", "data.eval_shards=", f"train.output_dir={out}", "train.max_steps=2",
+               "train.save_every=0", "tracking.enabled=false", "data.groups_per_batch=2", "--resume", "none"]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+        if p.returncode != 0:
+            raise SystemExit(f"train on {world} rank(s) failed:\n{p.stderr[-3000:]}")
+        infos = [json.loads(f.read_text()) for f in sorted((out / "ranks").glob("rank_*.json"))]
+        res[world] = max(({"param_bytes": i["params_local"] * 4, "optim_bytes": i["optimizer_state_bytes"],
+                           "params_total": i["params_total"]} for i in infos), key=lambda d: d["optim_bytes"])
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default=None, help="tiny backbone dir (default: build one in a temp dir)")
+    ap.add_argument("--vocab", type=int, default=151936, help="resize the vocabulary (0 = keep the tiny one)")
+    ap.add_argument("--groups", type=int, default=4, help="groups (K=2) per step")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-zero", action="store_true", help="skip part 2 (the two training launches)")
+    ap.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as d:
+        tmp = Path(d)
+        tiny = build_backbone(args.backbone, 0, tmp)
+        args.backbone = build_backbone(tiny, args.vocab, tmp) if args.vocab else tiny
+        ours = run_worker("ours", args)
+        base = run_worker("baseline", args)
+        print(f"\n== joint step, tiny Qwen2.5-VL (vocab {args.vocab or 'tiny'}), {args.groups} groups x K=2 per step, "
+              f"{args.steps} timed steps, {args.threads} thread(s)")
+        print(f"{'':28s}{'ours (JRM)':>14s}{'EditReward-style':>18s}{'ratio':>10s}")
+        print(f"{'pairs/s':28s}{ours['pairs_per_s']:14.2f}{base['pairs_per_s']:18.2f}"
+              f"{ours['pairs_per_s'] / base['pairs_per_s']:9.2f}x")
+        print(f"{'peak RSS (MB)':28s}{ours['peak_rss_mb']:14.0f}{base['peak_rss_mb']:18.0f}"
+              f"{base['peak_rss_mb'] / ours['peak_rss_mb']:9.2f}x less")
+        if not args.skip_zero:
+            z = zero_memory(tiny, tmp)
+            one, two = z[1], z[2]
+            tot1, tot2 = one["param_bytes"] + one["optim_bytes"], two["param_bytes"] + two["optim_bytes"]
+            print(f"\n== ZeRO-3 per-rank memory, jrm_dist.train, {one['params_total']:,} parameters (fp32, AdamW)")
+            print(f"{'':28s}{'1 rank':>14s}{'2 ranks':>18s}{'ratio':>10s}")
+            for name, a, b in (("parameters (KB)", one["param_bytes"], two["param_bytes"]),
+                               ("optimizer state (KB)", one["optim_bytes"], two["optim_bytes"]),
+                               ("params + optimizer (KB)", tot1, tot2)):
+                print(f"{name:28s}{a / 1024:14.1f}{b / 1024:18.1f}{b / a:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()

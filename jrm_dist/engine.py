@@ -1,0 +1,317 @@
+"""DeepSpeed engine construction from the one JRM config.
+
+* ``deepspeed_config(cfg)``  — the ZeRO / precision / clipping / accumulation dict DeepSpeed reads;
+* ``build_model(cfg, ...)``  — backbone under ``HfDeepSpeedConfig`` (ZeRO-3: parameters are partitioned
+  while loading, a 72B model is never whole on one rank), reward token + head, freezing, LoRA, grad
+  checkpointing;
+* ``param_groups`` / ``build_optimizer`` / ``lr_lambda`` — optimizer choice and the LR schedule;
+* ``initialize(cfg, ...)``  — all of the above handed to ``deepspeed.initialize``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from jrm_dist.config import ConfigError, JRMConfig
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- distributed setup
+
+def init_distributed(skip_shm_comm: bool | None = None) -> None:
+    """``deepspeed.init_distributed`` with env:// rendezvous (torchrun / SLURM / our tests).
+
+    On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op (~34 s cold) that only its
+    *inference* all-reduce uses; training collectives go through gloo. We mark it unavailable unless
+    ``JRM_SHM_COMM=1`` so a CPU launch does not pay the compile."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if skip_shm_comm is None:
+        skip_shm_comm = get_accelerator().device_name() == "cpu" and os.environ.get("JRM_SHM_COMM", "0") != "1"
+    if skip_shm_comm:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name == "cpu":
+        return torch.device("cpu")
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+def _offload(kind: str, nvme_path: str) -> dict[str, Any] | None:
+    if kind == "none":
+        return None
+    d: dict[str, Any] = {"device": kind, "pin_memory": torch.cuda.is_available()}
+    if kind == "nvme":
+        d["nvme_path"] = nvme_path
+    return d
+
+
+def deepspeed_config(cfg: JRMConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config. One micro-batch = ``data.groups_per_batch`` groups per rank."""
+    z = cfg.zero
+    if z.stage == 0:
+        raise ConfigError("zero.stage=0 is not supported by jrm-train: use 1, 2 or 3 (DeepSpeed's ZeRO optimizers "
+                          "are what skip a non-finite step on every rank)")
+    zero: dict[str, Any] = {
+        "stage": z.stage,
+        "overlap_comm": z.overlap_comm,
+        "contiguous_gradients": z.contiguous_gradients,
+        "reduce_bucket_size": z.reduce_bucket_size,
+    }
+    off = _offload(z.offload_optimizer, z.nvme_path)
+    if off:
+        zero["offload_optimizer"] = off
+    if z.stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": z.stage3_prefetch_bucket_size,
+            "stage3_param_persistence_threshold": z.stage3_param_persistence_threshold,
+            "stage3_max_live_parameters": z.stage3_max_live_parameters,
+            "stage3_max_reuse_distance": z.stage3_max_reuse_distance,
+            "stage3_gather_16bit_weights_on_model_save": z.stage3_gather_16bit_weights_on_model_save,
+        })
+        off = _offload(z.offload_param, z.nvme_path)
+        if off:
+            zero["offload_param"] = off
+    mbs = cfg.data.groups_per_batch
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": mbs * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # client optimizers (torch AdamW, bitsandbytes 8-bit)
+        "bf16": {"enabled": cfg.model.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
+    return ds
+
+
+# ----------------------------------------------------------------------------- model
+
+def _dtype(cfg: JRMConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
+
+
+def _freeze(model, cfg: JRMConfig) -> None:
+    """Freezing knobs. Names follow transformers' Qwen2.5-VL layout (``model.visual``, ``visual.merger``,
+    ``model.language_model``, ``lm_head``); a knob that matches nothing is an error, not a no-op."""
+    bb = model.backbone
+    rules = []
+    if cfg.model.freeze_vision:
+        rules.append(("model.freeze_vision", lambda n: ".visual." in f".{n}" and ".merger." not in f".{n}"))
+    if cfg.model.freeze_merger:
+        rules.append(("model.freeze_merger", lambda n: ".merger." in f".{n}"))
+    if cfg.model.freeze_lm:
+        rules.append(("model.freeze_lm", lambda n: ".language_model." in f".{n}" or n.startswith("lm_head.")))
+    for knob, match in rules:
+        hit = 0
+        for n, p in bb.named_parameters():
+            if match(n):
+                p.requires_grad_(False)
+                hit += 1
+        if not hit:
+            raise ConfigError(f"{knob}=true matched no backbone parameter (unknown layout {type(bb).__name__})")
+
+
+def _apply_lora(model, cfg: JRMConfig) -> None:
+    """LoRA adapters on the backbone's matching Linear layers (peft); the base weights are frozen,
+    the reward head, and the token embeddings (reward-token row) stay trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lc = cfg.model.lora
+    pcfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                          bias="none")
+    lm_head = model.backbone.get_output_embeddings()
+    model.backbone = get_peft_model(model.backbone, pcfg).base_model.model  # LoraModel injects in place
+    model.backbone.get_input_embeddings().weight.requires_grad_(True)
+    assert model.backbone.get_output_embeddings() is lm_head
+
+
+def build_model(cfg: JRMConfig, reward_token_id: int, ds_config: dict | None = None):
+    """The JointRewardModel; under ZeRO-3 built inside ``HfDeepSpeedConfig`` so transformers loads the
+    weights straight into partitions (``zero.Init``) and the new head is initialised in
+    ``GatheredParameters`` (model.py). The head is seeded from ``train.seed`` right before it is made,
+    so a single-process reference built with ``ds_config=None`` starts from the same weights."""
+    from jrm_dist.backbones import load_backbone
+    from jrm_dist.model import JointRewardModel, add_reward_token
+
+    keep = None
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds_config)  # must stay referenced while the model is built
+    else:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    backbone = load_backbone(cfg.model.name, dtype=_dtype(cfg), attn_implementation=cfg.model.attn_implementation)
+    add_reward_token(backbone, reward_token_id)
+    torch.manual_seed(cfg.train.seed)
+    if keep is not None:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = JointRewardModel(backbone, reward_token_id, cfg.model.head_hidden, lm_ce=cfg.model.lm_ce)
+    else:
+        model = JointRewardModel(backbone, reward_token_id, cfg.model.head_hidden, lm_ce=cfg.model.lm_ce)
+    if cfg.model.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.config.use_cache = False
+    if cfg.model.lora.r > 0:
+        _apply_lora(model, cfg)
+    _freeze(model, cfg)
+    model._hf_ds_config = keep  # keep zero.Init context config alive with the model
+    return model
+
+
+# ----------------------------------------------------------------------------- optimizer, schedule
+
+HEAD_PREFIXES = ("reward_head.",)
+
+
+def param_groups(model, cfg: JRMConfig) -> list[dict[str, Any]]:
+    """Backbone at ``optim.lr``; reward head (and the token-embedding matrix that holds the new
+    reward-token row) at ``optim.head_lr``, no weight decay on the head/biases/norms."""
+    emb = model.backbone.get_input_embeddings().weight
+    groups = {"backbone": [], "backbone_no_decay": [], "head": []}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if n.startswith(HEAD_PREFIXES) or p is emb:
+            groups["head"].append(p)
+        elif p.ndim < 2 or n.endswith(".bias") or "norm" in n.lower():
+            groups["backbone_no_decay"].append(p)
+        else:
+            groups["backbone"].append(p)
+    o = cfg.optim
+    out = [
+        {"params": groups["backbone"], "lr": o.lr, "weight_decay": o.weight_decay, "name": "backbone"},
+        {"params": groups["backbone_no_decay"], "lr": o.lr, "weight_decay": 0.0, "name": "backbone_no_decay"},
+        {"params": groups["head"], "lr": o.head_lr, "weight_decay": 0.0, "name": "head"},
+    ]
+    return [g for g in out if g["params"]]
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: JRMConfig):
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, **kw)
+    if o.name == "cpu_adam":
+        if cfg.zero.offload_optimizer != "cpu":
+            raise ConfigError("optim.name=cpu_adam needs zero.offload_optimizer=cpu (DeepSpeed's CPU Adam steps the "
+                              "offloaded fp32 partitions)")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    if o.name in ("adamw8bit", "paged_adamw8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if o.name == "adamw8bit" else bnb.optim.PagedAdamW8bit
+        return cls(groups, **kw)
+    raise ConfigError(f"optim.name={o.name!r}: unknown")
+
+
+def lr_lambda(cfg: JRMConfig):
+    """Multiplier of each group's base LR at optimizer step ``s`` (0-based): linear warmup, then
+    constant, cosine to ``min_lr_ratio``, or WSD (warmup-stable-decay: flat, then linear decay over
+    the last ``decay_ratio`` of the steps)."""
+    o = cfg.optim
+    total = max(cfg.train.max_steps, 1)
+    warm = int(round(o.warmup_ratio * total))
+    lo = o.min_lr_ratio
+
+    def f(s: int) -> float:
+        if warm and s < warm:
+            return (s + 1) / warm
+        if o.schedule == "constant":
+            return 1.0
+        if o.schedule == "cosine":
+            t = min(1.0, (s - warm) / max(total - warm, 1))
+            return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
+        decay = max(int(round(o.decay_ratio * total)), 1)  # wsd
+        start = total - decay
+        if s < start:
+            return 1.0
+        t = min(1.0, (s - start) / decay)
+        return lo + (1 - lo) * (1 - t)
+    return f
+
+
+# ----------------------------------------------------------------------------- initialize
+
+@dataclass
+class Engine:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    ds_config: dict
+    model: Any  # the JointRewardModel (engine.module)
+
+
+def initialize(cfg: JRMConfig, reward_token_id: int, world_size: int, load_universal: bool = False) -> Engine:
+    import deepspeed
+
+    ds = deepspeed_config(cfg, world_size, load_universal)
+    model = build_model(cfg, reward_token_id, ds)
+    opt = build_optimizer(param_groups(model, cfg), cfg)
+    sched_fn = lr_lambda(cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=ds,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, sched_fn))
+    return Engine(engine, ds, model)
+
+
+def partition_stats(model) -> dict[str, int]:
+    """Parameters held by this rank vs the full model: ZeRO-3 params carry ``ds_numel`` (full size)
+    and ``ds_tensor`` (this rank's partition); otherwise the rank holds everything."""
+    full = local = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):
+            full += int(p.ds_numel)
+            local += int(p.ds_tensor.numel())
+        else:
+            full += p.numel()
+            local += p.numel()
+    return {"params_total": full, "params_local": local}
+
+
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of optimizer state (fp32 master partitions + moments) this rank holds."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    n = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v) and v.ndim > 0:
+                n += v.numel() * v.element_size()
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n += p.numel() * p.element_size()
+    return n

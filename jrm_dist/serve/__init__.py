@@ -1,0 +1,1 @@
+"""HTTP reward server for online RL (``jrm-serve``) and its Python client (Flow-GRPO-style reward fn)."""

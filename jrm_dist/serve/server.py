@@ -1,0 +1,320 @@
+"""``jrm-serve``: a reward server for online RL (Flow-GRPO / GRPO style) on a JRM checkpoint.
+
+POST /v1/reward with JSON ``{"items": [{"instruction", "source_images": [b64...], "image": b64}]}`` →
+``{"rewards": [{"mu", "sigma"}]}``. Requests are decoded and encoded (images → patches, prompt →
+tokens) in the request's own thread, then queued; one worker drains the queue into batches of up to
+``max_batch`` candidates, waiting at most ``max_wait_ms`` for more, so concurrent RL workers share
+forward passes. Only JSON is parsed (never pickle); body size, image pixels and items per request are
+capped with 413/422 answers; binds to loopback unless told otherwise. FastAPI serves the OpenAPI spec
+at /openapi.json and docs at /docs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image
+from pydantic import BaseModel, Field
+
+log = logging.getLogger("jrm_dist.serve")
+
+
+# ----------------------------------------------------------------------------- wire format
+class RewardItem(BaseModel):
+    instruction: str = Field(..., description="the edit instruction / prompt", max_length=20000)
+    source_images: list[str] = Field(default_factory=list, description="base64 PNG/JPEG/WebP source image(s)")
+    image: str = Field(..., description="base64 image to score (the edited / generated image)")
+    text: str | None = Field(None, description="optional candidate text shown with the image", max_length=20000)
+
+
+class RewardRequest(BaseModel):
+    items: list[RewardItem] = Field(..., min_length=1, description="batch of things to score (non-empty)")
+
+
+class Reward(BaseModel):
+    mu: float = Field(..., description="reward mean")
+    sigma: float = Field(..., description="reward standard deviation (the model's uncertainty)")
+
+
+class RewardResponse(BaseModel):
+    rewards: list[Reward]
+    model: str
+    latency_ms: float
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_items: int = 64
+    max_images_per_item: int = 8
+
+
+# ----------------------------------------------------------------------------- request body cap
+class BodyLimit:
+    """ASGI middleware: buffer the body up to ``max_bytes`` and answer 413 beyond it (Content-Length or
+    streamed), before any parsing happens."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                return await self._reject(send)
+            chunks.append(body)
+            more = msg.get("more_body", False)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send):
+        body = b'{"detail":"request body larger than max_body_bytes=%d"}' % self.max_bytes
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode_image(data: str, limits: Limits, where: str) -> Image.Image:
+    """base64 → RGB image; the pixel cap is checked from the header, before decoding the pixels."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, f"{where}: not valid base64") from None
+    try:
+        im = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as e:
+        raise HTTPException(413, f"{where}: {e}") from None
+    except Exception as e:  # PIL raises several types for non-images
+        raise HTTPException(422, f"{where}: not a decodable image ({type(e).__name__})") from None
+    w, h = im.size
+    if w * h > limits.max_image_pixels:
+        raise HTTPException(413, f"{where}: {w}x{h} = {w * h} pixels > max_image_pixels={limits.max_image_pixels}")
+    try:
+        im.load()
+        return im.convert("RGB")
+    except Exception as e:
+        raise HTTPException(422, f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------- dynamic batching
+@dataclass
+class _Job:
+    encoded: list
+    future: asyncio.Future
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    requests: int = 0
+    items: int = 0
+    max_requests_in_batch: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class DynamicBatcher:
+    """asyncio queue + one worker: groups concurrent requests into forwards of <= max_batch candidates."""
+
+    def __init__(self, scorer, max_batch: int, max_wait_ms: float):
+        self.scorer = scorer
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.stats = BatchStats()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrm-forward")  # one forward at a time
+        self._held: _Job | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=True)
+
+    async def submit(self, encoded: list) -> list:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Job(encoded, fut))
+        return await fut
+
+    def _forward(self, encoded: list) -> list:
+        out = []
+        for i in range(0, len(encoded), self.max_batch):  # a single big request is split
+            out += self.scorer.score_encoded(encoded[i: i + self.max_batch])
+        return out
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = self._held or await self.queue.get()
+            self._held = None
+            jobs, n = [first], len(first.encoded)
+            deadline = loop.time() + self.max_wait
+            while n < self.max_batch:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+                if n + len(job.encoded) > self.max_batch:
+                    self._held = job  # first in the next batch
+                    break
+                jobs.append(job)
+                n += len(job.encoded)
+            jobs = [j for j in jobs if not j.future.cancelled()]  # the client went away
+            if not jobs:
+                continue
+            try:
+                scores = await loop.run_in_executor(self._pool, self._forward, [e for j in jobs for e in j.encoded])
+            except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the server
+                log.exception("forward failed")
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            self.stats.batches += 1
+            self.stats.requests += len(jobs)
+            self.stats.items += n
+            self.stats.max_requests_in_batch = max(self.stats.max_requests_in_batch, len(jobs))
+            k = 0
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_result(scores[k: k + len(j.encoded)])
+                k += len(j.encoded)
+
+
+# ----------------------------------------------------------------------------- app
+def create_app(model_dir: str, max_batch: int = 16, max_wait_ms: float = 10.0, limits: Limits | None = None,
+               device: str = "auto", dtype: str = "float32", max_pixels: int | None = None, scorer=None) -> FastAPI:
+    """Build the app with the model loaded (``scorer`` lets a caller share an already-loaded one)."""
+    from contextlib import asynccontextmanager
+
+    from jrm_dist.eval.common import Scorer
+
+    limits = limits or Limits()
+    scorer = scorer or Scorer(model_dir, batch_size=max_batch, device=device, dtype=dtype, max_pixels=max_pixels)
+    batcher = DynamicBatcher(scorer, max_batch, max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="jrm-serve", version="1", lifespan=lifespan,
+                  description="Reward server of a Joint Reward Model: (source image(s), instruction, edited image) "
+                              "→ Gaussian reward (mu, sigma).")
+    app.state.batcher = batcher
+    app.state.limits = limits
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        # FastAPI's default handler echoes the offending input and fails (500) on a non-UTF-8 body:
+        # answer with location, message and type only.
+        detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                   "type": str(e.get("type", ""))} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    def encode(req: RewardRequest) -> list:
+        if len(req.items) > limits.max_items:
+            raise HTTPException(413, f"items: {len(req.items)} > max_items={limits.max_items}")
+        encoded = []
+        for i, it in enumerate(req.items):
+            if len(it.source_images) + 1 > limits.max_images_per_item:
+                raise HTTPException(413, f"items[{i}]: {len(it.source_images) + 1} images > "
+                                         f"max_images_per_item={limits.max_images_per_item}")
+            src = [decode_image(s, limits, f"items[{i}].source_images[{j}]") for j, s in enumerate(it.source_images)]
+            cand = decode_image(it.image, limits, f"items[{i}].image")
+            try:
+                encoded.append(scorer.encode(it.instruction, src, [cand], it.text))
+            except ValueError as e:  # e.g. a prompt longer than the model's max_length
+                raise HTTPException(422, f"items[{i}]: {e}") from None
+        return encoded
+
+    @app.post("/v1/reward", response_model=RewardResponse, summary="Score a batch of edits",
+              responses={413: {"description": "body, image or batch too large"},
+                         422: {"description": "malformed JSON, wrong types, empty batch, bad image"}})
+    async def reward(req: RewardRequest) -> RewardResponse:
+        t0 = time.perf_counter()
+        encoded = await run_in_threadpool(encode, req)
+        scores = await batcher.submit(encoded)
+        return RewardResponse(rewards=[Reward(mu=s.mu, sigma=s.sigma) for s in scores], model=str(model_dir),
+                              latency_ms=1000 * (time.perf_counter() - t0))
+
+    @app.get("/health", summary="Liveness and batching statistics")
+    async def health() -> dict:
+        s = batcher.stats
+        return {"status": "ok", "model": str(model_dir), "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+                "batches": s.batches, "requests": s.requests, "items": s.items,
+                "max_requests_in_batch": s.max_requests_in_batch, "queue": batcher.queue.qsize(),
+                "uptime_s": time.time() - s.started}
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(prog="jrm-serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="JRM checkpoint folder (jrm-export output)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default; 0.0.0.0 exposes it)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--max-batch", type=int, default=16, help="candidates per forward pass")
+    ap.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    ap.add_argument("--max-body-mb", type=float, default=64.0)
+    ap.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    ap.add_argument("--max-items", type=int, default=64, help="items per request")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--max-pixels", type=int, default=None, help="cap on pixels fed to the model (resize)")
+    ap.add_argument("--log-level", default="info")
+    a = ap.parse_args(argv)
+    limits = Limits(max_body_bytes=int(a.max_body_mb * 1024 * 1024), max_image_pixels=a.max_image_pixels,
+                    max_items=a.max_items)
+    app = create_app(a.model, a.max_batch, a.max_wait_ms, limits, a.device, a.dtype, a.max_pixels)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+
+
+if __name__ == "__main__":
+    main()

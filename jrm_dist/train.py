@@ -1,0 +1,552 @@
+"""``jrm-train`` / ``python -m jrm_dist.train --config CFG [dotted.key=value ...] [--resume auto|none|PATH]``
+
+The JRM training loop on a DeepSpeed engine (ZeRO-3 by default), one process per device, launched by
+torchrun / SLURM (env:// rendezvous). Per optimizer step:
+
+1. take ``train.grad_accum`` micro-batches from the streaming loader; all-reduce their rank-pair and
+   labelled-token counts → the step's global divisors (the LM mean is over labelled tokens of all
+   ranks and accumulation steps; the rank mean over all pairs);
+2. per micro-batch: one forward over all candidates (reward head + LM CE inside the LM head's forward),
+   ``L = (1 - alpha) L_rank + alpha L_LM``; one all-reduce agrees on (non-finite loss, stop requested);
+   a non-finite loss on any rank poisons the backward on every rank so DeepSpeed's ZeRO optimizer
+   discards the whole step (invalid global grad norm) — counted in ``skipped_steps``;
+3. metrics reduced in one all-reduce, logged by rank 0 (MLflow in a background thread, steps.jsonl);
+4. checkpoint every ``train.save_every`` steps, at the end, and on SIGTERM/SIGUSR1 (then exit
+   ``REQUEUE_EXIT_CODE`` and write ``<output_dir>/REQUEUE`` so a launcher requeues);
+5. eval every ``train.eval_every`` steps on ``data.eval_shards``: accuracy, effective rank of the
+   reward-token features, singular-value spectrum PNG;
+6. at the end: consolidated HF export in ``<output_dir>/export`` (same code as ``jrm-export``).
+
+Fault injection for the tests (real faults in the real stack, off unless set):
+``JRM_FAULTS="kill@STEP:RANK,nan@STEP:RANK,signal@STEP:RANK:USR1,crash_save@STEP:RANK"``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "checkpointed after a preemption signal, requeue me"
+REQUEUE_MARKER = "REQUEUE"
+
+log = logging.getLogger("jrm_dist.train")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+class Faults:
+    """Test-only fault injection parsed from $JRM_FAULTS (see module doc)."""
+
+    def __init__(self, spec: str, rank: int):
+        self.rank = rank
+        self.items: list[tuple[str, int, int, str]] = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            kind, _, rest = part.partition("@")
+            bits = rest.split(":")
+            if kind not in ("kill", "nan", "signal", "crash_save") or len(bits) < 2:
+                raise ValueError(f"JRM_FAULTS: cannot parse {part!r} (kind@STEP:RANK[:SIG])")
+            self.items.append((kind, int(bits[0]), int(bits[1]), bits[2] if len(bits) > 2 else ""))
+
+    def hit(self, kind: str, step: int) -> str | None:
+        for k, s, r, extra in self.items:
+            if k == kind and s == step and r == self.rank:
+                return extra or k
+        return None
+
+    def save_hook(self, where: str, step: int) -> None:
+        if self.hit("crash_save", step):
+            log.error("JRM_FAULTS: SIGKILL in the middle of saving step %d", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _peak_mem_mb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "httpx", "alembic", "mlflow", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    def __init__(self, cfg, resume: str = "auto"):
+        from jrm_dist import checkpoint as ck
+        from jrm_dist.engine import device, init_distributed
+
+        self.cfg = cfg
+        init_distributed()
+        self.dist = torch.distributed
+        self.rank = self.dist.get_rank()
+        self.world = self.dist.get_world_size()
+        _setup_logging(self.rank)
+        self.dev = device()
+        self.out = Path(cfg.train.output_dir)
+        self.faults = Faults(os.environ.get("JRM_FAULTS", ""), self.rank)
+        self.stop_signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / REQUEUE_MARKER).unlink(missing_ok=True)
+        self.dist.barrier()
+        self.resume_from = ck.find_resume(self.out, resume)
+        self.saved_state = ck.read_state(self.resume_from) if self.resume_from else None
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is None:
+            log.warning("received %s: will checkpoint after the current step and exit %d for requeue",
+                        signal.Signals(signum).name, REQUEUE_EXIT_CODE)
+        self.stop_signal = signum
+
+    # ---- construction
+    def build(self) -> None:
+        from jrm_dist import checkpoint as ck
+        from jrm_dist.data.loader import StreamingLoader
+        from jrm_dist.engine import initialize, partition_stats
+        from jrm_dist.processing import DEFAULT_PROMPT, RewardProcessor
+        from jrm_dist.tracking import make_tracker
+
+        cfg = self.cfg
+        if not cfg.data.train_shards:
+            raise SystemExit("data.train_shards is empty: point it at a jrm-prep output folder or manifest.json")
+        self.processor = RewardProcessor.from_pretrained(
+            cfg.model.name, prompt=cfg.data.prompt or DEFAULT_PROMPT, max_pixels=cfg.data.max_pixels,
+            min_pixels=cfg.data.min_pixels, max_length=cfg.data.max_length)
+        universal = None
+        if self.saved_state and self.saved_state["world_size"] != self.world:
+            log.warning("resuming %s saved on %d ranks with %d ranks: loading through DeepSpeed's universal "
+                        "checkpoint; the data cursor restarts the saved epoch and RNG streams are re-seeded",
+                        self.resume_from, self.saved_state["world_size"], self.world)
+            if self.rank == 0:
+                universal = ck.to_universal(self.resume_from)
+            self.dist.barrier()
+            universal = self.resume_from / (ck.DS_TAG + "_universal")
+        torch.manual_seed(cfg.train.seed)
+        self.eng = initialize(cfg, self.processor.reward_token_id, self.world, load_universal=universal is not None)
+        self.engine = self.eng.engine
+        self.model = self.engine.module
+        self.pstats = partition_stats(self.model)
+        log.info("model: %.3fM parameters, %.3fM on this rank (ZeRO stage %d, %d ranks)",
+                 self.pstats["params_total"] / 1e6, self.pstats["params_local"] / 1e6, cfg.zero.stage, self.world)
+        self.loader = StreamingLoader.from_config(cfg.data, self.processor, rank=self.rank, world_size=self.world)
+        self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"{cfg.data.train_shards}: {len(self.loader)} micro-batches per rank per epoch < "
+                             f"train.grad_accum={cfg.train.grad_accum}")
+        self.step = 0
+        self.counters = {"skipped_steps": 0, "samples": 0, "tokens": 0}
+        run_id = None
+        if self.resume_from is not None:
+            st = self.saved_state
+            tag = ck.DS_TAG + "_universal" if universal is not None else ck.DS_TAG
+            load_path, _ = self.engine.load_checkpoint(str(self.resume_from), tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load {self.resume_from / tag}")
+            mine = ck.read_rank_state(self.resume_from, self.rank) if universal is None else \
+                {"loader": {"ranks": [ck.read_rank_state(self.resume_from, r)["loader"]
+                                      for r in range(st["world_size"])]}}
+            self.loader.load_state_dict(mine["loader"])
+            if universal is None:
+                ck.set_rng_state(mine["rng"])
+            else:
+                torch.manual_seed(cfg.train.seed + 1000 * st["step"] + self.rank)
+            self.step = int(st["step"])
+            self.counters.update(st.get("counters", {}))
+            run_id = st.get("mlflow_run_id")
+            log.info("resumed from %s at step %d (MLflow run %s)", self.resume_from, self.step, run_id)
+        self.tracker = make_tracker(cfg, self.rank)
+        self.tracker.start(run_id, tags={"world_size": self.world, "zero_stage": cfg.zero.stage})
+        if self.rank == 0:
+            self._prepare_run_dir()
+        self.it = None
+
+    def _prepare_run_dir(self) -> None:
+        cfg = self.cfg
+        self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        (self.out / "config.yaml").write_text(self.config_yaml)
+        self.tracker.log_params(cfg.flat())
+        self.tracker.log_artifact(self.out / "config.yaml")
+        manifest = Path(cfg.data.train_shards)
+        manifest = manifest / "manifest.json" if manifest.is_dir() else manifest
+        if manifest.name == "manifest.json" and manifest.exists():
+            self.tracker.log_artifact(manifest, "data")
+        steps_log = self.out / "steps.jsonl"
+        if steps_log.exists():  # a resumed run rewrites the steps after its checkpoint
+            keep = [ln for ln in steps_log.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= self.step]
+            steps_log.write_text("".join(ln + "\n" for ln in keep))
+
+    # ---- data
+    def _next_batch(self) -> dict | None:
+        while True:
+            if self.it is None:
+                if self.loader.epoch >= self.cfg.train.epochs:
+                    return None
+                self.it = iter(self.loader)
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it = None
+
+    # ---- one optimizer step
+    def train_step(self) -> dict[str, float] | None:
+        from jrm_dist.objective import joint_objective, local_items
+
+        cfg, dist = self.cfg, self.dist
+        t0 = time.perf_counter()
+        micro = []
+        for _ in range(cfg.train.grad_accum):
+            b = self._next_batch()
+            if b is None:
+                return None
+            micro.append(b)
+        items = torch.zeros(2, dtype=torch.float64)
+        for b in micro:
+            p, t = local_items(b, cfg.loss)
+            items += torch.tensor([p, t], dtype=torch.float64)
+        items = items.to(self.dev)
+        dist.all_reduce(items)
+        rank_items, lm_items = float(items[0]), float(items[1])
+        step = self.step  # 0-based index of the step being taken
+        self.engine.train()
+        # sums over micro-batches: total, rank, lm, correct, decided, mu_sum, mu_sq, n_cand, sigma_sum,
+        # tokens, groups, lm_tokens, nonfinite, stop
+        acc = torch.zeros(14, dtype=torch.float64)
+        keys = []
+        for b in micro:
+            keys += b["keys"]
+            b = _to_device(b, self.dev)
+            out = self.engine(b)
+            obj = joint_objective(out, b, cfg.loss, step, lm_items=lm_items, rank_items=rank_items)
+            loss = obj["loss"]
+            if self.faults.hit("nan", step + 1):
+                log.error("JRM_FAULTS: injecting a NaN loss at step %d", step + 1)
+                loss = loss * float("nan")
+            flags = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0,
+                                  1.0 if self.stop_signal is not None else 0.0], device=self.dev)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0] > 0:
+                # Some rank's loss is not finite: make every rank's gradient non-finite so the ZeRO
+                # optimizer sees an invalid global norm and discards the step (grads cleared, LR not stepped).
+                loss = loss * float("nan")
+            # Our loss is already a global mean (global divisors): undo DeepSpeed's 1/gas and 1/world.
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            self.engine.step()
+            with torch.no_grad():
+                mu = obj_mu = out["mu"].detach().float()
+                win, lose, tie = b["win_idx"], b["lose_idx"], b["tie"]
+                dec = ~tie if tie.numel() else torch.ones_like(win, dtype=torch.bool)
+                correct = (obj_mu[win[dec]] > obj_mu[lose[dec]]).sum() if win.numel() else 0
+                sig = torch.exp(0.5 * out["log_var"].detach().float())
+                acc += torch.tensor([float(loss.detach()) if flags[0] == 0 else 0.0,
+                                     float(obj["rank"]), float(obj["lm"]), float(correct), float(dec.sum()),
+                                     float(mu.sum()), float((mu * mu).sum()), float(mu.numel()), float(sig.sum()),
+                                     float(b["attention_mask"].sum()), float(len(b["keys"])),
+                                     float(out["lm_tokens"]), float(flags[0]), float(flags[1])],
+                                    dtype=torch.float64)
+        acc = acc.to(self.dev)
+        dist.all_reduce(acc)
+        acc = acc.cpu()
+        skipped = acc[12] > 0
+        if skipped and self.engine.was_step_applied():
+            raise RuntimeError("a non-finite loss was agreed on but DeepSpeed applied the step")
+        self.step += 1
+        dt = time.perf_counter() - t0
+        self.counters["samples"] += int(acc[10])
+        self.counters["tokens"] += int(acc[9])
+        if skipped:
+            self.counters["skipped_steps"] += 1
+            log.warning("step %d: non-finite loss on %d micro-batch(es) across ranks; step skipped on all ranks",
+                        self.step, int(acc[12]))
+        n = max(float(acc[7]), 1.0)
+        mu_mean = float(acc[5]) / n
+        lrs = self.engine.get_lr()
+        groups = [g.get("name", str(i)) for i, g in enumerate(self.engine.optimizer.param_groups)]
+        m = {
+            "alpha": float(obj["alpha"]),
+            "train/accuracy": float(acc[3] / acc[4]) if acc[4] > 0 else float("nan"),
+            "mu/mean": mu_mean,
+            "mu/std": math.sqrt(max(float(acc[6]) / n - mu_mean ** 2, 0.0)),
+            "sigma/mean": float(acc[8]) / n,
+            "lr": float(lrs[0]),
+            "tokens_per_s": float(acc[9]) / dt,
+            "samples_per_s": float(acc[10]) / dt,
+            "pairs_per_s": rank_items / dt,
+            "peak_mem_mb": _peak_mem_mb(self.dev),
+            "skipped_steps": float(self.counters["skipped_steps"]),
+            "corrupt_samples": float(self.loader.corrupt_samples),  # this rank's; summed below
+            "step_time_s": dt,
+        }
+        if "head" in groups:
+            m["lr/head"] = float(lrs[groups.index("head")])
+        if not skipped:
+            gn = self.engine.get_global_grad_norm()
+            m.update({"loss/total": float(acc[0]), "loss/rank": float(acc[1]), "loss/lm": float(acc[2])})
+            if gn is not None:
+                m["grad_norm"] = float(gn)
+        corrupt = torch.tensor([float(self.loader.corrupt_samples)], device=self.dev)
+        dist.all_reduce(corrupt)
+        m["corrupt_samples"] = float(corrupt)
+        m["_stop"] = float(acc[13] > 0)
+        m["_keys"] = keys
+        return m
+
+    # ---- logging
+    def log_step(self, m: dict[str, Any]) -> None:
+        keys = m.pop("_keys")
+        m.pop("_stop")
+        all_keys = [None] * self.world if self.cfg.train.step_log else None
+        if self.cfg.train.step_log:
+            self.dist.all_gather_object(all_keys, keys)
+        if self.rank != 0:
+            return
+        if self.step % self.cfg.train.log_every == 0 or self.step == 1:
+            self.tracker.log_metrics(m, self.step)
+            if "loss/total" in m:
+                log.info("step %d/%d loss %.4f (rank %.4f lm %.4f) acc %.3f alpha %.2f lr %.2e %.1f samples/s",
+                         self.step, self.cfg.train.max_steps, m["loss/total"], m["loss/rank"], m["loss/lm"],
+                         m["train/accuracy"], m["alpha"], m["lr"], m["samples_per_s"])
+        if self.cfg.train.step_log:
+            rec = {"step": self.step, **{k: m.get(k) for k in ("loss/total", "loss/rank", "loss/lm", "train/accuracy",
+                                                               "alpha", "lr", "grad_norm", "skipped_steps")},
+                   "keys": all_keys}
+            with open(self.out / "steps.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # ---- checkpoint
+    def save(self) -> Path:
+        from jrm_dist import checkpoint as ck
+
+        t0 = time.perf_counter()
+        run_id = self.tracker.wait_run_id(60.0) if self.rank == 0 else None
+        state = {"step": self.step, "world_size": self.world, "mlflow_run_id": run_id, "counters": self.counters,
+                 "zero_stage": self.cfg.zero.stage, "lora": self.cfg.model.lora.r > 0,
+                 "lora_alpha": self.cfg.model.lora.alpha, "lora_r": self.cfg.model.lora.r, "time": time.time()}
+        path = ck.save(self.engine, self.out, self.step, rank=self.rank, loader_state=self.loader.state_dict(),
+                       trainer_state=state, config_yaml=getattr(self, "config_yaml", ""), hf_files=self._hf_files,
+                       keep_last=self.cfg.train.keep_last, fault_hook=self.faults.save_hook)
+        if self.rank == 0:
+            log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
+        return path
+
+    def _hf_files(self, d: Path) -> None:
+        """What jrm-export needs besides the weights: backbone config, processor files, head settings."""
+        d.mkdir(parents=True, exist_ok=True)
+        self.model.backbone.config.save_pretrained(str(d))
+        self.processor.save_pretrained(str(d))
+        (d / "jrm_config.json").write_text(json.dumps(self.model.jrm_config(), indent=2))
+
+    # ---- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Every rank scores its share of the eval shards (lockstep: equal batches per rank, ZeRO-3 safe);
+        rank 0 gathers mu / features per candidate, dedupes padded repeats by key, and computes pairwise
+        accuracy and the effective rank of the reward-token features (+ spectrum PNG)."""
+        from jrm_dist.data.loader import StreamingLoader
+        from jrm_dist.metrics import effective_rank, singular_values
+
+        cfg = self.cfg
+        loader = StreamingLoader.from_config(cfg.data, self.processor, rank=self.rank, world_size=self.world,
+                                             shards=cfg.data.eval_shards, shuffle_shards=False)
+        loader.dataset.shuffle_buffer = 1
+        self.engine.eval()
+        records = []
+        for b in loader:
+            keys = b["keys"]
+            bd = _to_device(b, self.dev)
+            out = self.engine(bd)
+            mu = out["mu"].float().cpu()
+            feats = out["features"].float().cpu()
+            gi = b["group_index"]
+            for g, key in enumerate(keys):
+                rows = (gi == g).nonzero().flatten()
+                sel = [(int(w) - int(rows[0]), int(l) - int(rows[0]), bool(t))
+                       for w, l, t in zip(b["win_idx"], b["lose_idx"], b["tie"]) if int(gi[w]) == g]
+                records.append({"key": key, "mu": mu[rows].tolist(), "features": feats[rows],
+                                "pairs": sel})
+        self.engine.train()
+        gathered = [None] * self.world
+        self.dist.all_gather_object(gathered, records)
+        if self.rank != 0:
+            return {}
+        by_key = {}
+        for part in gathered:
+            for r in part:
+                by_key.setdefault(r["key"], r)
+        correct = decided = 0
+        for r in by_key.values():
+            for w, l, t in r["pairs"]:
+                if not t:
+                    decided += 1
+                    correct += int(r["mu"][w] > r["mu"][l])
+        feats = torch.cat([r["features"] for r in by_key.values()])
+        metrics = {"eval/accuracy": correct / decided if decided else float("nan"),
+                   "eval/effective_rank": effective_rank(feats), "eval/groups": float(len(by_key))}
+        ev = self.out / "eval"
+        ev.mkdir(exist_ok=True)
+        (ev / f"step_{self.step:08d}.json").write_text(json.dumps({
+            "step": self.step, **metrics,
+            "scores": {k: {"mu": r["mu"], "pairs": r["pairs"]} for k, r in sorted(by_key.items())}}))
+        png = ev / f"spectrum_step_{self.step:08d}.png"
+        _spectrum_png(singular_values(feats).numpy(), png, f"step {self.step}: effective rank "
+                      f"{metrics['eval/effective_rank']:.2f}")
+        self.tracker.log_metrics(metrics, self.step)
+        self.tracker.log_artifact(png, "eval")
+        log.info("eval step %d: accuracy %.3f, effective rank %.2f over %d groups", self.step,
+                 metrics["eval/accuracy"], metrics["eval/effective_rank"], len(by_key))
+        return metrics
+
+    # ---- main loop
+    def fit(self) -> int:
+        cfg = self.cfg
+        self.build()
+        last_saved = self.step if self.resume_from is not None else -1
+        exit_code = 0
+        final_eval: dict[str, float] = {}
+        status = "FINISHED"
+        try:
+            while self.step < cfg.train.max_steps:
+                m = self.train_step()
+                if m is None:
+                    log.info("data exhausted after %d epoch(s) at step %d", cfg.train.epochs, self.step)
+                    break
+                stop = m["_stop"] > 0
+                self.log_step(m)
+                if self.faults.hit("kill", self.step):
+                    log.error("JRM_FAULTS: SIGKILL after step %d", self.step)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.faults.hit("signal", self.step):
+                    sig = getattr(signal, "SIG" + self.faults.hit("signal", self.step).removeprefix("SIG"))
+                    os.kill(os.getpid(), sig)
+                    # the flag is agreed on at the next step's all-reduce
+                if stop:
+                    self.save()
+                    last_saved = self.step
+                    if self.rank == 0:
+                        (self.out / REQUEUE_MARKER).write_text(json.dumps(
+                            {"step": self.step, "signal": signal.Signals(self.stop_signal).name
+                             if self.stop_signal else "peer"}))
+                    exit_code = REQUEUE_EXIT_CODE
+                    status = "SCHEDULED"  # MLflow: the run goes on after the requeue
+                    break
+                if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+                    self.save()
+                    last_saved = self.step
+                if cfg.train.eval_every and cfg.data.eval_shards and self.step % cfg.train.eval_every == 0:
+                    final_eval = self.evaluate()
+            if exit_code == 0:
+                if last_saved != self.step:
+                    self.save()
+                if cfg.data.eval_shards and not (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
+                    final_eval = self.evaluate()
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self._write_rank_info()
+            if self.rank == 0 and status != "FAILED":
+                self.tracker.log_metrics({"skipped_steps": float(self.counters["skipped_steps"])}, self.step)
+            if status != "FAILED":
+                self.dist.barrier()
+            if self.rank == 0:
+                if status == "FINISHED":
+                    final = {"step": self.step, **self.counters, **final_eval}
+                    (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+                    self.tracker.log_artifact(self.out / "final_metrics.json")
+                self.tracker.close(timeout=60.0, status=status if status != "SCHEDULED" else "")
+        if exit_code == 0:
+            self.export()
+        return exit_code
+
+    def _write_rank_info(self) -> None:
+        from jrm_dist.engine import optimizer_state_bytes
+
+        d = self.out / "ranks"
+        d.mkdir(exist_ok=True)
+        info = {"rank": self.rank, "world_size": self.world, **self.pstats, "step": self.step,
+                "optimizer_state_bytes": optimizer_state_bytes(self.engine), "peak_mem_mb": _peak_mem_mb(self.dev)}
+        (d / f"rank_{self.rank:05d}.json").write_text(json.dumps(info, indent=2))
+
+    def export(self) -> None:
+        """Rank 0 consolidates the final checkpoint into <output_dir>/export (jrm-export's code)."""
+        from jrm_dist.export import export_checkpoint
+
+        self.dist.barrier()
+        if self.rank == 0:
+            out = export_checkpoint(self.out, self.out / "export")
+            print(f"[jrm-train] consolidated HF export: {out}  "
+                  f"(load with JointRewardModel.from_pretrained('{out}'))", flush=True)
+        self.dist.barrier()
+
+
+def _spectrum_png(s, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    s = s / max(s.sum(), 1e-12)
+    ax.semilogy(range(1, len(s) + 1), s, marker=".")
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("normalised singular value")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jrm-train", description="JRM joint training on DeepSpeed (ZeRO-3 by default)")
+    ap.add_argument("--config", required=True, help="YAML config (see configs/)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 loss.alpha=0.3")
+    ap.add_argument("--resume", default="auto",
+                    help="auto (newest complete checkpoint in train.output_dir, if any), none, or a checkpoint path")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jrm_dist.config import ConfigError, load_config
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"jrm-train: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed 0.19 calls c10d collectives that torch 2.13 marks deprecated: one warning per call, per step.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+\W* is deprecated", category=FutureWarning)
+    trainer = Trainer(cfg, resume=args.resume)
+    code = trainer.fit()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

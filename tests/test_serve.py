@@ -1,0 +1,161 @@
+"""jrm-serve on a real uvicorn server (loopback, free port, in a thread): scores equal offline scoring,
+concurrent clients share batches, bad input gets 4xx and the server keeps serving; the client's
+Flow-GRPO-style reward function."""
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jrm_dist.eval.common import Scorer
+from jrm_dist.serve.client import RewardClient, b64_png
+from jrm_dist.serve.server import Limits, create_app
+
+MAX_PIXELS = 200 * 200
+
+
+def pic(rgb, size=(56, 42)) -> Image.Image:
+    im = Image.new("RGB", size, (225, 225, 225))
+    im.paste(rgb, (10, 10, 40, 30))
+    return im
+
+
+@pytest.fixture(scope="module")
+def scorer(jrm_checkpoint):
+    return Scorer(jrm_checkpoint, batch_size=8, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(jrm_checkpoint, scorer):
+    import uvicorn
+
+    limits = Limits(max_body_bytes=1_000_000, max_image_pixels=MAX_PIXELS, max_items=8)
+    app = create_app(jrm_checkpoint, max_batch=8, max_wait_ms=500, limits=limits, scorer=scorer)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    th = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    for _ in range(300):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    th.join(timeout=20)
+    sock.close()
+
+
+def offline_mu(scorer, instruction, sources, image) -> float:
+    return scorer.score_encoded([scorer.encode(instruction, sources, [image])])[0].mu
+
+
+def item(instruction, sources, image) -> dict:
+    return {"instruction": instruction, "source_images": [b64_png(s) for s in sources], "image": b64_png(image)}
+
+
+COLOURS = [(220, 30, 30), (30, 170, 40), (30, 60, 220), (240, 220, 30), (140, 40, 170), (245, 140, 20),
+           (20, 20, 20), (250, 250, 250)]
+
+
+def test_health_and_openapi(server):
+    h = httpx.get(f"{server}/health").json()
+    assert h["status"] == "ok" and h["max_batch"] == 8
+    spec = httpx.get(f"{server}/openapi.json").json()
+    assert "/v1/reward" in spec["paths"] and "RewardRequest" in spec["components"]["schemas"]
+
+
+def test_scores_equal_offline_score(server, scorer):
+    src = pic((128, 128, 128))
+    items = [("make the square red", [src], pic(COLOURS[0])), ("make the square blue", [src], pic(COLOURS[2])),
+             ("make the square green", [], pic(COLOURS[1], (70, 70)))]  # no source image, other size
+    with RewardClient(server) as c:
+        got = c.score([item(*x) for x in items])
+    for (ins, s, im), g in zip(items, got):
+        assert g["mu"] == pytest.approx(offline_mu(scorer, ins, s, im), abs=1e-5)
+        assert g["sigma"] > 0
+    assert got[0]["mu"] != got[1]["mu"]
+
+
+def test_concurrent_clients_are_batched_and_correct(server, scorer):
+    src = pic((128, 128, 128))
+    jobs = [(f"make the square {i}", [src], pic(c)) for i, c in enumerate(COLOURS)]
+    before = httpx.get(f"{server}/health").json()
+
+    def one(job):
+        with RewardClient(server) as c:
+            return c.score([item(*job)])[0]["mu"]
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(one, jobs))
+    for job, g in zip(jobs, got):
+        assert g == pytest.approx(offline_mu(scorer, *job), abs=1e-5)
+    after = httpx.get(f"{server}/health").json()
+    assert after["requests"] - before["requests"] == len(jobs)
+    assert after["batches"] - before["batches"] < len(jobs)  # some requests shared a forward pass
+    assert after["max_requests_in_batch"] >= 2
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_bad_input_gets_4xx_and_server_keeps_serving(server, scorer):
+    ok = item("make the square red", [pic((128, 128, 128))], pic(COLOURS[0]))
+    big = pic(COLOURS[1], (300, 300))  # 90,000 px > 40,000
+    post = lambda **kw: httpx.post(f"{server}/v1/reward", timeout=30, **kw)  # noqa: E731
+    cases = {
+        "malformed json": (post(content=b'{"items": [', headers={"content-type": "application/json"}), 422),
+        "wrong types": (post(json={"items": [{"instruction": 5, "image": ["x"]}]}), 422),
+        "items not a list": (post(json={"items": "abc"}), 422),
+        "no items": (post(json={}), 422),
+        "empty batch": (post(json={"items": []}), 422),
+        "bad base64": (post(json={"items": [dict(ok, image="***not base64***")]}), 422),
+        "not an image": (post(json={"items": [dict(ok, image=_b64(b"hello world"))]}), 422),
+        "truncated png": (post(json={"items": [dict(ok, image=_b64(base64.b64decode(ok["image"])[:60]))]}), 422),
+        "huge image": (post(json={"items": [dict(ok, image=b64_png(big))]}), 413),
+        "huge source": (post(json={"items": [dict(ok, source_images=[b64_png(big)])]}), 413),
+        "too many items": (post(json={"items": [ok] * 9}), 413),
+        "body too large": (post(json={"items": [dict(ok, instruction="x" * 1_100_000)]}), 413),
+        "pickle body": (post(content=b"\x80\x04\x95\x05\x00\x00", headers={"content-type": "application/octet-stream"}),
+                        422),
+    }
+    for name, (r, code) in cases.items():
+        assert r.status_code == code, f"{name}: {r.status_code} {r.text[:200]}"
+    assert "items.0.instruction" in cases["wrong types"][0].text or "instruction" in cases["wrong types"][0].text
+    assert "max_image_pixels" in cases["huge image"][0].json()["detail"]
+    assert "items[0].source_images[0]" in cases["huge source"][0].json()["detail"]
+    r = post(json={"items": [ok]})  # still serving, and still right
+    assert r.status_code == 200
+    assert r.json()["rewards"][0]["mu"] == pytest.approx(
+        offline_mu(scorer, "make the square red", [pic((128, 128, 128))], pic(COLOURS[0])), abs=1e-5)
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_client_reward_fn_flow_grpo_style(server, scorer):
+    rng = np.random.default_rng(0)
+    batch = torch.from_numpy(rng.random((3, 3, 42, 56), dtype=np.float32))  # NCHW in [0, 1], as pipelines return
+    refs = [pic((128, 128, 128)), [pic((128, 128, 128)), pic((10, 10, 10))], None]
+    prompts = ["make the square red", "make the square blue", "make the square green"]
+    with RewardClient(server, chunk=2) as c:
+        scores, info = c.reward_fn(batch, prompts, [{"i": i} for i in range(3)], refs)
+    assert scores.shape == (3,) and info["sigma"].shape == (3,) and info["metadata"][2] == {"i": 2}
+    for i in range(3):
+        arr = (batch[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        srcs = [] if refs[i] is None else (refs[i] if isinstance(refs[i], list) else [refs[i]])
+        assert scores[i] == pytest.approx(offline_mu(scorer, prompts[i], srcs, Image.fromarray(arr)), abs=1e-5)
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        c.reward_fn(batch, prompts[:2])
+    with RewardClient(server) as c, pytest.raises(httpx.HTTPStatusError, match="413"):
+        c.reward_fn([pic((1, 2, 3), (300, 300))], ["x"])
