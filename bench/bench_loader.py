@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from _result import emit  # noqa: E402
 from data_prep.cli import main as prep  # noqa: E402
 from data_prep.shards import iter_tar_samples, load_manifest  # noqa: E402
 from jrm_dist.data.collate import Collator, encode_group  # noqa: E402
@@ -147,6 +148,7 @@ def main(argv=None) -> int:
             print(f"{name:<36} {e:>5} {n1 / t1:>14.1f} {n2 / t2:>21.1f} {(n1 / t1) / (n2 / t2):>8.2f}")
         best1, best2 = max(n / t for t, n in r_ours), max(n / t for t, n in r_hf)
         print(f"{name:<36} {'best':>5} {best1:>14.1f} {best2:>21.1f} {best1 / best2:>8.2f}")
+        emit(f"loader: {name}", best1, best2, "groups/s", True, "ours = StreamingLoader, baseline = HF datasets parquet")
     return 0
 
 

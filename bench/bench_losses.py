@@ -24,6 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _result import emit  # bench/ is sys.path[0] when run as a script
+
 GIB = 1 << 30
 
 
@@ -62,6 +64,10 @@ def bench_rank(n_cand: int, n_pairs: int, n_samples: int, repeats: int, threads:
             run(fn)
             ts.append(time.perf_counter() - t0)
         times[name] = min(ts)  # min: the machine is shared, the other repeats measure the neighbours
+    for name, key in (("jrm_kernels bt_expected (GH-20)", "bt_expected"), ("jrm_kernels thurstone", "thurstone")):
+        emit(f"rank_loss_fwd_bwd_{key}_vs_mc{n_samples}", times[name] * 1e3,
+             times[f"MC BT, {n_samples} samples"] * 1e3, "ms", False,
+             note=f"{n_cand} candidates, {n_pairs} pairs, {threads} thread(s), best of {repeats}")
     exact = run(fns["jrm_kernels bt_expected (GH-20)"])
     mc = [mc_bt_loss(mu0, lv0, win, lose, n_samples=n_samples, generator=torch.Generator().manual_seed(s)).item()
           for s in range(20)]
@@ -130,7 +136,8 @@ def ce_worker(method: str, t: int, hid: int, vocab: int, frac: float, repeats: i
 def bench_ce(hids, vocab: int, t_req: int, frac: float, budget_gb: float, repeats: int) -> None:
     print(f"\n(b) LM-head cross-entropy fwd+bwd, fp32, V={vocab}, {frac:.0%} of T labelled, CPU "
           f"({torch.get_num_threads()} threads); peak = RSS high-water above inputs + grads, separate processes")
-    header = f"{'H':>5s} {'T':>5s} {'method':28s} {'time s':>8s} {'peak extra MiB':>15s} {'peak total GiB':>15s}"
+    header = (f"{'H':>5s} {'T':>5s} {'method':28s} {'time s':>8s} {'peak extra MiB':>15s} {'of it: not grads':>17s} "
+              f"{'peak total GiB':>15s}")
     rows = []
     for hid in hids:
         t = t_req
@@ -149,11 +156,21 @@ def bench_ce(hids, vocab: int, t_req: int, frac: float, budget_gb: float, repeat
         print(header)
         for method, label in (("naive", "full logits F.cross_entropy"), ("fused", "jrm_kernels fused (CPU)")):
             r = res[method]
+            # both methods return fresh dweight / dhidden tensors that autograd adds into the existing .grad:
+            # subtracting them leaves what the loss itself holds (logits, softmax, tiles)
+            r["work_bytes"] = r["peak_extra_bytes"] - 4 * hid * (vocab + t)
             print(f"{hid:5d} {t:5d} {label:28s} {r['time_s']:8.2f} {r['peak_extra_bytes'] / 2 ** 20:15.1f} "
-                  f"{r['peak_total_bytes'] / GIB:15.2f}")
+                  f"{r['work_bytes'] / 2 ** 20:17.1f} {r['peak_total_bytes'] / GIB:15.2f}")
         f, n = res["fused"], res["naive"]
         print(f"      ratio fused/naive: time {f['time_s'] / n['time_s']:.3f}x, peak extra memory "
-              f"{f['peak_extra_bytes'] / n['peak_extra_bytes']:.2%}, |loss diff| {abs(f['loss'] - n['loss']):.1e}")
+              f"{f['peak_extra_bytes'] / n['peak_extra_bytes']:.2%} (without the gradient outputs "
+              f"{f['work_bytes'] / n['work_bytes']:.2%}), |loss diff| {abs(f['loss'] - n['loss']):.1e}")
+        note = f"H={hid} V={vocab} T={t}, {frac:.0%} labelled, fp32"
+        emit(f"lm_ce_time_H{hid}", f["time_s"], n["time_s"], "s", False, note=note)
+        emit(f"lm_ce_peak_extra_mem_H{hid}", f["peak_extra_bytes"] / 2 ** 20, n["peak_extra_bytes"] / 2 ** 20,
+             "MiB", False, note=note + ", RSS high-water above inputs and .grad buffers")
+        emit(f"lm_ce_work_mem_H{hid}", f["work_bytes"] / 2 ** 20, n["work_bytes"] / 2 ** 20, "MiB", False,
+             note=note + ", peak extra minus the dweight/dhidden outputs")
 
 
 def main(argv=None) -> None:

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _result import emit  # noqa: E402
 from jrm_dist.eval.common import Scorer  # noqa: E402
 from jrm_dist.explain import generate_critiques  # noqa: E402
 
@@ -100,6 +101,7 @@ def main(argv=None) -> None:
     print(f"{'reward-only (JRM inference)':<34}{rm:>10.2f}{1 / rm:>10.4f}")
     print(f"{'rationale first, then score':<34}{gen:>10.2f}{1 / gen:>10.4f}")
     print(f"ratio reward-only / generative: {rm / gen:.1f}x")
+    emit("scoring: reward-only vs rationale-first", rm, gen, "pairs/s", True, "baseline = generative judge path")
 
 
 if __name__ == "__main__":

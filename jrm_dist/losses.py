@@ -79,7 +79,8 @@ def _log_phi_interval(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Reflect so the interval midpoint is <= 0. If the interval then straddles 0, use erf (a sum of two
     positive terms, no cancellation). Otherwise it lies in the lower tail: with the scaled
     complementary error function, log Phi(u) = log(erfcx(-u/sqrt2)/2) - u^2/2, and the quadratic
-    terms differ by (b - a)(b + a)/2, formed exactly instead of by cancellation.
+    terms differ by (b - a)(b + a)/2, formed exactly instead of by cancellation. Narrow intervals use
+    a midpoint series.
     """
     flip = (a + b) > 0
     a, b = torch.where(flip, -b, a), torch.where(flip, -a, b)
@@ -92,7 +93,14 @@ def _log_phi_interval(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     diff = (torch.log(torch.special.erfcx(-a_t / _SQRT2)) - torch.log(torch.special.erfcx(-b_t / _SQRT2))
             - 0.5 * (a_t - b_t) * (a_t + b_t))  # log Phi(a) - log Phi(b) <= 0
     tail = -neg_log_ndtr(b_t) + _log1mexp(diff)
-    return torch.where(straddle, mid, tail)
+    # Narrow intervals (w (|c| + 1) small, c the midpoint): every form above cancels in fp32, so use
+    # Phi(b) - Phi(a) = w phi(c) (1 + (c^2 - 1) w^2 / 24 + O(w^4 c^4)).
+    w, c = b - a, 0.5 * (a + b)
+    narrow = w * (c.abs() + 1.0) < 1e-2
+    w_n = torch.where(narrow, w, torch.ones_like(w))
+    c_n = torch.where(narrow, c, torch.zeros_like(c))
+    series = torch.log(w_n) - 0.5 * c_n * c_n - _LOG_SQRT_2PI + torch.log1p((c_n * c_n - 1.0) * w_n * w_n / 24.0)
+    return torch.where(narrow, series, torch.where(straddle, mid, tail))
 
 
 def _pair_stats(mu, log_var, win_idx, lose_idx):

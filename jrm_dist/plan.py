@@ -54,10 +54,11 @@ layer, a = 2 (bf16) or 4 (fp32) bytes per activation element:
   With gradient checkpointing (one checkpoint per decoder layer / vision block, as HF does) only each
   layer's input (a·h per token) is kept, plus one layer's full activations while it is recomputed.
   Outside the layers: the final norm (4h + 2a·h per token).
-LM-loss buffer (V = 152064): fused (jrm_kernels, ours): one fp32 logits tile of FUSED_CE_BLOCK_ELEMS +
+LM-loss buffer (V = 152064): fused (jrm_kernels, ours): FUSED_CE_LIVE_TILES fp32 logits tiles of
+  FUSED_CE_BLOCK_ELEMS +
   the labelled rows' hidden (a·h) and fp32 gradient (4h) + the fp32 LM-head weight-gradient accumulator 4·V·h;
-  reference (jrm_dist.losses.masked_lm_loss): N_lab·V·12 (fp32 logits, saved log-probs, their gradient) +
-  an fp32 copy of the weight 4·V·h (bf16 only); full (HF / EditReward-style): all b·s positions,
+  reference (jrm_dist.losses.masked_lm_loss): N_lab·V·8 (fp32 logits + the log-probs kept for backward, then
+  their gradients; measured on CPU: 257 MiB at N=1024, V=32768) + an fp32 copy of the weight 4·V·h (bf16 only); full (HF / EditReward-style): all b·s positions,
   N·V·(a + 4 + 4) (the logits, the fp32 log-probs kept for backward, the fp32 gradient).
 
 Step time and MFU. Model FLOPs per step (PaLM appendix B convention, causal attention):
@@ -76,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -91,8 +91,10 @@ SHIPPED_CONFIGS = {
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b.json",
     "Qwen/Qwen2.5-VL-72B-Instruct": "qwen2_5_vl_72b.json",
 }
-# jrm_kernels' CPU tile of fp32 logits (kernels/_ce_torch.py DEFAULT_BLOCK_ELEMS; a test keeps them equal).
-FUSED_CE_BLOCK_ELEMS = 1 << 22
+# jrm_kernels' CPU tile of fp32 logits (kernels/_ce_torch.py DEFAULT_BLOCK_ELEMS; a test keeps them equal),
+# and how many such tiles are live at once (the tile, its softmax/gradient, a temporary): an upper bound.
+FUSED_CE_BLOCK_ELEMS = 1 << 20
+FUSED_CE_LIVE_TILES = 3
 BNB_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizer state block (one fp32 absmax per block and state)
 DS_SUB_GROUP = 1_000_000_000  # DeepSpeed zero_optimization.sub_group_size default
 
@@ -273,11 +275,21 @@ def largest_module(inv: list[Tensor]) -> int:
 
 
 def lora_params(a: Arch, r: int, targets: list[str]) -> int:
-    """LoRA adapters (A: r×in, B: out×r) on the text decoder's named projections."""
-    h, kv, i = a.hidden, a.kv_dim, a.intermediate
-    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-              "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-    return sum(r * (o + n) * a.layers for name, (o, n) in shapes.items() if name in targets)
+    """LoRA adapters (A: r×in, B: out×r) on every Linear whose name peft matches: the text decoder's
+    projections, and the vision blocks' gate/up/down_proj when those names are targeted."""
+    h, kv, i, hv, iv = a.hidden, a.kv_dim, a.intermediate, a.v_hidden, a.v_intermediate
+    text = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    vision = {"gate_proj": (iv, hv), "up_proj": (iv, hv), "down_proj": (hv, iv)}
+    return (sum(r * (o + n) * a.layers for name, (o, n) in text.items() if name in targets)
+            + sum(r * (o + n) * a.v_depth for name, (o, n) in vision.items() if name in targets))
+
+
+def _vision_trainable(cfg: JRMConfig) -> bool:
+    """peft freezes the whole base model: the vision tower then trains only through adapters it matches."""
+    if cfg.model.lora.r > 0:
+        return any(t in cfg.model.lora.target_modules for t in ("gate_proj", "up_proj", "down_proj"))
+    return not cfg.model.freeze_vision
 
 
 # ------------------------------------------------------------------------------------------------------- the plan
@@ -329,9 +341,10 @@ def model_states(cfg: JRMConfig, inv: list[Tensor], arch: Arch, n: int) -> dict:
     master = 4  # DeepSpeed keeps a separate fp32 master partition, in fp32 training too (measured)
     opt_b = 8.0 if cfg.optim.name in ("adamw", "cpu_adam") else 2.0 + 8.0 / BNB_BLOCK
     total = param_count(inv)
-    if cfg.model.lora.r > 0:
-        trainable = lora_params(arch, cfg.model.lora.r, cfg.model.lora.target_modules) + param_count(inv, {"head"})
-        total += trainable - param_count(inv, {"head"})  # adapters are extra parameters
+    if cfg.model.lora.r > 0:  # adapters (extra parameters) + the reward head + the token embeddings (engine.py)
+        adapters = lora_params(arch, cfg.model.lora.r, cfg.model.lora.target_modules)
+        trainable = adapters + param_count(inv, {"head", "embed"})
+        total += adapters
     else:
         trainable = param_count(inv, trainable_parts(cfg))
     stage = z.stage
@@ -399,25 +412,38 @@ def vision_block_act(a: Arch, ab: int) -> float:
     return 8 * hv + 11 * ab * hv + 4 * ab * a.v_intermediate + 4 * a.v_heads + 8 * (hv // a.v_heads)
 
 
+def _text_backward(cfg: JRMConfig) -> int:
+    """FLOP multiplier of the text stack: 6 (fwd + input and weight grads), 4 (frozen, but gradients must
+    reach a trainable vision tower/merger or LoRA adapters), 2 (forward only)."""
+    m = cfg.model
+    if m.lora.r > 0:
+        return 4  # base weights frozen: input gradients only (the adapters' own cost is negligible)
+    if not m.freeze_lm:
+        return 6
+    if not m.freeze_vision or not m.freeze_merger:
+        return 4
+    return 0
+
+
 def activations(cfg: JRMConfig, a: Arch, w: Workload, ab: int) -> dict:
     ckpt = cfg.model.gradient_checkpointing
     attn = cfg.model.attn_implementation
     tokens = w.seqs * w.seq_len
     patches = w.seqs * w.images_per_seq * w.image_tokens * a.merge ** 2
     per_layer = text_layer_act(a, ab, attn, w.seq_len) * tokens
-    if cfg.model.freeze_lm and cfg.model.lora.r == 0:
-        text = 0.0  # nothing upstream of the reward head needs a gradient except the head itself
+    if _text_backward(cfg) == 0:
+        text = 0.0  # nothing before the reward head needs a gradient: the frozen stack keeps no activations
     elif ckpt:
         text = a.layers * ab * a.hidden * tokens + per_layer
     else:
         text = a.layers * per_layer
     text += (4 * a.hidden + 2 * ab * a.hidden) * tokens  # final norm
     vis = 0.0
-    if not cfg.model.freeze_vision:
+    if _vision_trainable(cfg):
         per_block = vision_block_act(a, ab) * patches
         vis = (a.v_depth * ab * a.v_hidden * patches + per_block) if ckpt else a.v_depth * per_block
         vis += a.in_channels * a.temporal_patch * a.patch ** 2 * ab * patches
-    if not (cfg.model.freeze_vision and cfg.model.freeze_merger):
+    if _vision_trainable(cfg) or (cfg.model.lora.r == 0 and not cfg.model.freeze_merger):
         vis += (4 * a.v_hidden + 4 * ab * a.v_hidden) * patches
     return {"text": text, "vision": vis, "tokens": tokens, "patches": patches}
 
@@ -428,9 +454,9 @@ def loss_buffer(cfg: JRMConfig, a: Arch, w: Workload, ab: int, ce: str) -> float
     if cfg.loss.alpha == 0.0 and cfg.loss.alpha_schedule == "constant":
         return 0.0  # rank-only baseline: no LM loss
     if ce == "fused":
-        return 4 * min(FUSED_CE_BLOCK_ELEMS, max(n_lab, 1) * V) + n_lab * h * (ab + 4) + 4 * V * h
+        return 4 * FUSED_CE_LIVE_TILES * min(FUSED_CE_BLOCK_ELEMS, max(n_lab, 1) * V) + n_lab * h * (ab + 4) + 4 * V * h
     if ce == "reference":
-        return 12 * n_lab * V + (4 * V * h if ab != 4 else 0)
+        return 8 * n_lab * V + (4 * V * h if ab != 4 else 0)
     if ce == "full":
         return (ab + 8) * w.seqs * w.seq_len * V
     raise PlanError(f"--ce {ce!r}: expected fused, reference or full")
@@ -442,33 +468,23 @@ def flops(cfg: JRMConfig, a: Arch, w: Workload, ce: str) -> tuple[float, float]:
     tokens = w.seqs * w.seq_len
     patches = w.seqs * w.images_per_seq * w.image_tokens * a.merge ** 2
     text_dense = param_count(inv, {"text"})
-    text_mult = 2 if (cfg.model.freeze_lm and cfg.model.lora.r == 0) else 6
+    text_mult = _text_backward(cfg) or 2
     f_text = text_mult * text_dense * tokens + text_mult * a.layers * a.hidden * w.seq_len * tokens
     lm_tokens = tokens if ce == "full" else w.seqs * w.labelled
     f_lm = 0.0 if cfg.loss.alpha == 0.0 and cfg.loss.alpha_schedule == "constant" else 6 * a.vocab * a.hidden * lm_tokens
-    v_mult = 2 if cfg.model.freeze_vision else 6
+    v_mult = 6 if _vision_trainable(cfg) and cfg.model.lora.r == 0 else (4 if _vision_trainable(cfg) else 2)
     vis_params = param_count(inv, {"vision"})
     window = (a.window_size // a.patch) ** 2  # patches in one attention window
     per_image = w.image_tokens * a.merge ** 2  # patches of one image (full-attention blocks see all of them)
     n_full = len(a.fullatt_blocks)
     att = 2 * a.v_hidden * patches * (n_full * per_image + (a.v_depth - n_full) * min(window, per_image))
     f_vis = v_mult * vis_params * patches + v_mult * att
-    f_merge = (2 if cfg.model.freeze_merger else 6) * param_count(inv, {"merger"}) * patches / a.merge ** 2
+    f_merge = (6 if cfg.model.lora.r == 0 and not cfg.model.freeze_merger else 2) * param_count(inv, {"merger"}) * patches / a.merge ** 2
     model = f_text + f_lm + f_vis + f_merge
     hw = model
     if cfg.model.gradient_checkpointing:
         hw += (f_text + f_vis) / 3  # one extra forward of the checkpointed layers
     return model, hw
-
-
-@dataclass
-class Plan:
-    breakdown: dict
-    total: float
-    fits: bool
-
-    def gib(self, k):
-        return self.breakdown[k] / GIB
 
 
 def plan_for(cfg: JRMConfig, a: Arch, w: Workload, c: Cluster, ce: str, margin: float, reserved_gib: float,

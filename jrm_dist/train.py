@@ -357,7 +357,11 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         self.model.backbone.config.save_pretrained(str(d))
         self.processor.save_pretrained(str(d))
-        (d / "jrm_config.json").write_text(json.dumps(self.model.jrm_config(), indent=2))
+        jcfg = self.model.jrm_config()
+        # how inputs were encoded in training: scoring/serving must encode the same way
+        jcfg["processor"] = {"prompt": self.processor.prompt, "max_pixels": self.cfg.data.max_pixels,
+                             "min_pixels": self.cfg.data.min_pixels, "max_length": self.cfg.data.max_length}
+        (d / "jrm_config.json").write_text(json.dumps(jcfg, indent=2))
 
     # ---- eval
     @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_BLOCK_ELEMS = 1 << 22  # 4 Mi fp32 logits per tile = 16 MiB
+DEFAULT_BLOCK_ELEMS = 1 << 20  # 1 Mi fp32 logits per tile = 4 MiB (a few tiles live at once)
 _MAX_ROWS = 2048  # rows per tile: enough for GEMM efficiency, small enough for a wide V block
 
 
@@ -65,7 +65,7 @@ def reference_linear_ce(hidden, weight, labels, bias=None, ignore_index=-100, re
 
 def _tiles(n_rows: int, vocab: int, block_elems: int):
     """(rows per chunk, V block width) with rows * width <= block_elems."""
-    rows = max(1, min(n_rows, _MAX_ROWS, block_elems))
+    rows = max(1, min(n_rows, _MAX_ROWS, block_elems // min(vocab, 256)))  # keep V blocks >= 256 wide
     width = max(1, min(vocab, block_elems // rows))
     return rows, width
 
@@ -137,7 +137,8 @@ class LinearCETorch(torch.autograd.Function):
         coef_y = gr * (1.0 - eps)  # target logit
         h = hidden.detach()[rows].float()
         dh = torch.zeros_like(h) if need_h else None
-        dw = torch.zeros_like(weight) if need_w else None
+        # every dweight row is written below (first row chunk by mm(out=), later ones add): no zero-fill pass
+        dw = (torch.empty_like(weight) if n else torch.zeros_like(weight)) if need_w else None
         db = torch.zeros(vocab, device=h.device) if need_b else None
         rchunk, width = _tiles(n, vocab, block_elems)
         for v0 in range(0, vocab if n else 0, width):
@@ -146,7 +147,7 @@ class LinearCETorch(torch.autograd.Function):
             b_blk = None if bias is None else bias.detach()[v0:v1].float()
             dw_blk = None
             if need_w:
-                dw_blk = dw[v0:v1] if dw.dtype == torch.float32 else torch.zeros_like(w_blk)
+                dw_blk = dw[v0:v1] if dw.dtype == torch.float32 else torch.empty_like(w_blk)
             for r0 in range(0, n, rchunk):
                 r1 = min(r0 + rchunk, n)
                 x, t = _logits(h[r0:r1], w_blk, b_blk, softcap)
@@ -160,7 +161,9 @@ class LinearCETorch(torch.autograd.Function):
                     dx *= 1.0 - t * t
                 if need_h:
                     dh[r0:r1].addmm_(dx, w_blk)
-                if need_w:
+                if need_w and r0 == 0:
+                    torch.mm(dx.t(), h[r0:r1], out=dw_blk)
+                elif need_w:
                     dw_blk.addmm_(dx.t(), h[r0:r1])
                 if need_b:
                     db[v0:v1] += dx.sum(0)

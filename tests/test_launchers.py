@@ -201,6 +201,7 @@ WORKER = textwrap.dedent("""
     import os, signal, sys, time
     from pathlib import Path
     flag = Path(sys.argv[1]) / f"ready{os.environ['RANK']}"
+    delay = float(os.environ.get("EXIT_DELAY", "0"))  # e.g. rank 0 still flushing MLflow when others left
     if sys.argv[2] == "crash":
         sys.exit(3)
     got = []
@@ -209,26 +210,33 @@ WORKER = textwrap.dedent("""
     deadline = time.time() + 60
     while not got and time.time() < deadline:
         time.sleep(0.05)
+    time.sleep(delay)
     sys.exit(75 if got else 9)
 """)
 
 
-def _wrapper(tmp_path, mode: str) -> subprocess.Popen:
+def _wrapper(tmp_path, mode: str, launch=("--standalone", "--nproc_per_node=2"), **env) -> subprocess.Popen:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    return subprocess.Popen([sys.executable, "-m", "jrm_dist.torchrun", "--standalone", "--nproc_per_node=2",
-                             "--monitor_interval=0.1", str(script), str(tmp_path), mode],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-m", "jrm_dist.torchrun", *launch, "--monitor_interval=0.1",
+                             str(script), str(tmp_path), mode],
+                            cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_ready(procs, tmp_path, ranks) -> None:
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{r}").exists() for r in ranks):
+        for p in procs:
+            assert p.poll() is None, p.communicate()[0]
+        assert time.time() < deadline, "workers did not start"
+        time.sleep(0.1)
 
 
 def test_torchrun_wrapper_forwards_usr1_and_keeps_requeue_code(tmp_path):
     """SIGUSR1 to the agent reaches every worker (stock torchrun would die) and 75 comes out (not 1)."""
     p = _wrapper(tmp_path, "wait")
     try:
-        deadline = time.time() + 90
-        while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
-            assert p.poll() is None and time.time() < deadline, p.communicate()[0] if p.poll() is not None else ""
-            time.sleep(0.1)
+        _wait_ready([p], tmp_path, (0, 1))
         p.send_signal(signal.SIGUSR1)
         out, _ = p.communicate(timeout=60)
     finally:
@@ -236,6 +244,40 @@ def test_torchrun_wrapper_forwards_usr1_and_keeps_requeue_code(tmp_path):
             p.kill()
     assert p.returncode == REQUEUE_EXIT_CODE, out
     assert "exiting 75 for requeue" in out
+
+
+@pytest.mark.parametrize("delays", [("0", "3"), ("3", "0")], ids=["host-first", "host-last"])
+def test_torchrun_wrapper_two_agents_c10d_all_exit_requeue_code(tmp_path, delays):
+    """Two agents, c10d: one node's worker leaves 3 s after the other's (rank 0 flushing MLflow). The
+    agents wait for each other and the host keeps the store up meanwhile, so both exit 75 by themselves."""
+    from train_launch import free_port
+
+    port = free_port()
+    launch = lambda rank: ("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--node_rank={rank}",
+                           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=grace-test",
+                           f"--rdzv_conf=is_host={int(rank == 0)}")
+    host = _wrapper(tmp_path, "wait", launch(0), EXIT_DELAY=delays[0])
+    other = _wrapper(tmp_path, "wait", launch(1), EXIT_DELAY=delays[1])
+    try:
+        _wait_ready([host, other], tmp_path, (0, 1))
+        for p in (host, other):
+            p.send_signal(signal.SIGUSR1)
+        ended: dict[int, float] = {}
+        deadline = time.time() + 90
+        while len(ended) < 2 and time.time() < deadline:
+            for i, p in enumerate((host, other)):
+                if i not in ended and p.poll() is not None:
+                    ended[i] = time.time()
+            time.sleep(0.05)
+        outs = [p.communicate(timeout=30)[0] for p in (host, other)]
+    finally:
+        for p in (host, other):
+            if p.poll() is None:
+                p.kill()
+    assert [host.returncode, other.returncode] == [REQUEUE_EXIT_CODE] * 2, "\n-----\n".join(outs)
+    assert not any("RendezvousConnectionError" in o or "only 1 of 2" in o for o in outs), "\n-----\n".join(outs)
+    # the agent whose worker was done first waited for the other (3 s later) before leaving
+    assert abs(ended[0] - ended[1]) < 1.5, ended
 
 
 def test_torchrun_wrapper_reports_a_crash_as_failure(tmp_path):
@@ -336,6 +378,16 @@ def test_sbatch_two_nodes_preempt_requeue_resume(slurm, tiny_backbone, synthetic
     info = wait_for(jid, lambda i: int(i.get("Restarts", 0)) >= 1 and i["JobState"] == "PENDING"
                     or i["JobState"] in ("COMPLETED", "FAILED"), 240, log, "the requeue")
     assert info["JobState"] == "PENDING", f"not requeued: {info['JobState']}\n{log.read_text()[-6000:]}"
+    # Only once the first run has left the nodes (no COMPLETING): starting the new run while the old
+    # batch step is still being cleaned up gets it killed ("Job credential revoked").
+    deadline = time.time() + 120
+    while True:
+        states = subprocess.run(["sinfo", "-h", "-N", "-n", ",".join(slurm[:2]), "-o", "%T"],
+                                capture_output=True, text=True).stdout.split()
+        if states and all(st == "idle" for st in states):
+            break
+        assert time.time() < deadline, f"nodes not idle after the requeue: {states}"
+        time.sleep(0.5)
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True)
     info = wait_for(jid, lambda i: i["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 400, log,
                     "completion")
@@ -347,6 +399,9 @@ def test_sbatch_two_nodes_preempt_requeue_resume(slurm, tiny_backbone, synthetic
     assert "batch shell got SIGUSR1" in text
     assert f"exiting {REQUEUE_EXIT_CODE} for requeue" in text
     assert f"requeueing job {jid} (restart 1" in text
+    # every node's agent exited 75 itself (none died on a lost rendezvous store or was killed by srun)
+    assert "training step ended with exit code 75" in text and "RendezvousConnectionError" not in text
+    assert f"the trainer exited {REQUEUE_EXIT_CODE}: checkpoint written" in text
     # both nodes ran a torchrun agent in both runs, on their own node rank
     for node_rank, node in enumerate(slurm[:2]):
         assert len(re.findall(rf"\[jrm-torchrun\] {node}: node_rank {node_rank}, nnodes 2", text)) == 2, text

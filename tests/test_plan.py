@@ -118,7 +118,7 @@ def test_activation_and_loss_buffer_rules():
     cfg = _cfg()
     fused, full_ce = P.loss_buffer(cfg, a, w, 2, "fused"), P.loss_buffer(cfg, a, w, 2, "full")
     assert full_ce == (2 + 8) * 8 * 2048 * 152064  # N·V·(bf16 logits + fp32 log-probs + fp32 grad)
-    assert full_ce > 10 * fused  # fused: a 16 MiB tile + the fp32 dW accumulator (4·V·h), no N·V term
+    assert full_ce > 10 * fused  # fused: 4 MiB tiles + the fp32 dW accumulator (4·V·h), no N·V term
     assert P.loss_buffer(_cfg("loss.alpha=0"), a, w, 2, "fused") == 0  # rank-only: no LM loss
 
 
@@ -182,12 +182,8 @@ def test_launcher_defaults_fit_according_to_the_planner(model, capsys):
     launcher = ROOT / "launchers" / f"train_{model}.sh"
     if not launcher.exists():
         pytest.skip(f"{launcher} not written yet")
-    d = _launcher_defaults(launcher)
-    text = launcher.read_text()
-    assert f"#SBATCH --nodes={d['NODES']}" in text and f"#SBATCH --gpus-per-node={d['GPUS_PER_NODE']}" in text
+    d = _launcher_defaults(launcher)  # headers vs DEFAULT_* vs config: tests/test_launchers.py
     config = ROOT / "configs" / f"qwen2_5_vl_{model}.yaml"
-    cfg = load_config(config)
-    assert cfg.data.groups_per_batch == int(d["MICRO_BATCH"]) and cfg.train.grad_accum == int(d["GRAD_ACCUM"])
     assert P.main(["--config", str(config), "--nodes", d["NODES"], "--gpus-per-node", d["GPUS_PER_NODE"],
                    "--gpu", d["GPU"], "--micro-batch", d["MICRO_BATCH"], "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -219,3 +215,16 @@ def test_planner_agrees_with_a_measured_zero3_run(tmp_path):
     assert len(rows) == 2
     bad = [(r["name"], round(r["ratio"], 3)) for r in rows if not r["ok"]]
     assert not bad
+
+
+def test_lora_adapter_count_matches_peft(tiny_backbone):
+    """peft matches module names anywhere: gate/up/down_proj also hit the vision blocks."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    arch = P.load_arch(tiny_backbone)
+    for targets in (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "gate_proj", "down_proj"]):
+        m = AutoModelForImageTextToText.from_pretrained(tiny_backbone)
+        peft_model = get_peft_model(m, LoraConfig(r=4, target_modules=targets))
+        adapters = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+        assert P.lora_params(arch, 4, targets) == adapters

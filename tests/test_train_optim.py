@@ -25,3 +25,29 @@ def test_adamw8bit_under_zero3_trains(tiny_backbone, synthetic_shards, tmp_path)
         assert info["params_local"] < 0.55 * info["params_total"]  # still ZeRO-3 partitioned
         # fp32 master partition (4 B) + two 8-bit moments (~1 B each + block absmax): well under AdamW's 12 B
         assert info["optimizer_state_bytes"] / info["params_local"] < 7.0, info
+
+
+def test_lora_under_zero3_trains_and_the_export_merges_it(tiny_backbone, synthetic_shards, tmp_path):
+    """LoRA adapters on a ZeRO-3 partitioned backbone; the export merges them (scores = live engine's)."""
+    import torch
+
+    from data_prep.synthetic import make_group
+    from jrm_dist.data.collate import Collator, encode_group
+    from jrm_dist.model import JointRewardModel
+    from jrm_dist.processing import RewardProcessor
+
+    out = tmp_path / "run"
+    ov = base_overrides(tiny_backbone, synthetic_shards, out, steps=3,
+                        **{"model.lora.r": 4, "train.save_every": 0, "tracking.enabled": "false"})
+    r = spawn(ov)
+    assert r.codes == [0, 0], r.log
+    index = json.loads((out / "export" / "model.safetensors.index.json").read_text())
+    assert not any("lora_" in k or "base_layer" in k for k in index["weight_map"])
+    model = JointRewardModel.from_pretrained(out / "export").eval()
+    proc = RewardProcessor.from_pretrained(str(out / "export"), max_pixels=3136, min_pixels=784, max_length=512)
+    live = json.loads((out / "eval" / "step_00000003.json").read_text())["scores"]
+    col = Collator(proc)
+    for key, rec in list(live.items())[:6]:
+        _, seed, idx = key.split("-")
+        mu, _ = model.score(col([encode_group(proc, *make_group(int(seed), int(idx)))]))
+        torch.testing.assert_close(mu, torch.tensor(rec["mu"]), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ Read with pyarrow's IPC stream reader (memory-mapped), so the ``datasets`` packa
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ TASK_GROUPS: dict[str, tuple[str, ...]] = {
 TASK_TYPES: tuple[str, ...] = tuple(t for ts in TASK_GROUPS.values() for t in ts)
 DIMENSIONS: tuple[str, ...] = ("prompt_following", "consistency", "overall")
 COLUMN_TITLES = {"prompt_following": "PF", "consistency": "Cons.", "overall": "Overall"}
+log = logging.getLogger(__name__)
 REQUIRED = ("key", "instruction", "input_image", "output_images", "task_type", "dimension")
 
 
@@ -164,13 +166,17 @@ class EditScoreBench:
 
     def items(self) -> list[ScoreItem]:
         """Two items per row (one per output image), keyed by the output's key: each scored once."""
-        seen: set[str] = set()
+        seen: dict[str, EditScoreRow] = {}
         items = []
         for row in self.rows:
             for j in (0, 1):
-                if row.keys[j] not in seen:
-                    seen.add(row.keys[j])
+                first = seen.get(row.keys[j])
+                if first is None:
+                    seen[row.keys[j]] = row
                     items.append(ScoreItem(row.keys[j], self._loader(row, j)))
+                elif first.instruction != row.instruction:
+                    log.warning("key %r: %s row %d has another instruction than %s row %d; scored once with the "
+                                "first", row.keys[j], row.file.name, row.row, first.file.name, first.row)
         return items
 
     def _loader(self, row: EditScoreRow, j: int):

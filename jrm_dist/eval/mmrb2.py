@@ -5,6 +5,9 @@ presentation order; the reverse judgement is flipped back before it is compared 
 accuracy = correct judgements / judgements; overall = total correct / total over the tasks. A scalar
 reward model judges the first-presented response when its score is strictly higher; a tie is wrong.
 (For a scalar model both orders agree by construction; the arithmetic is written for any judge.)
+Each response is scored as one candidate: prompt images first, then the response's images, then the
+prompt text (its ``<image_N>`` placeholders kept verbatim, numbering the images in that order) and the
+response text.
 """
 from __future__ import annotations
 
