@@ -10,7 +10,7 @@
 #
 # Knobs (env): JRM_SLURM_NODES (default 2), JRM_SLURM_NODE_PREFIX (node), JRM_SLURM_BASE_PORT (17001),
 # JRM_SLURM_SKIP_APT=1 (do not apt-get; fail if packages are missing), JRM_SLURM_WAIT_S (60).
-# Stop everything again with: .ci/slurm_setup.sh --stop
+# Stop the daemons again (slurmd, slurmctld, munged) with: .ci/slurm_setup.sh --stop
 set -euo pipefail
 
 NODES="${JRM_SLURM_NODES:-2}"
@@ -58,6 +58,7 @@ stop_all() {
 
 if [[ "${1:-}" == "--stop" ]]; then
     stop_all
+    stop_pidfile /run/munge/munged.pid munged
     exit 0
 fi
 

@@ -304,14 +304,18 @@ def partition_stats(model) -> dict[str, int]:
 
 
 def optimizer_state_bytes(engine) -> int:
-    """Bytes of optimizer state (fp32 master partitions + moments) this rank holds."""
-    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    n = 0
+    """Bytes of optimizer state this rank holds: the fp32 master partitions (ZeRO keeps them outside the
+    client optimizer's param_groups between steps) plus the optimizer's own state (moments, 8-bit blocks)."""
+    zo = engine.optimizer
+    opt = getattr(zo, "optimizer", zo)
+    masters = getattr(zo, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    if masters is None:
+        masters = getattr(zo, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    if masters is None:
+        masters = [p for g in opt.param_groups for p in g["params"]]
+    n = sum(t.numel() * t.element_size() for t in masters)
     for st in opt.state.values():
         for v in st.values():
             if torch.is_tensor(v) and v.ndim > 0:
                 n += v.numel() * v.element_size()
-    for g in opt.param_groups:
-        for p in g["params"]:
-            n += p.numel() * p.element_size()
     return n

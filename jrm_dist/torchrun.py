@@ -86,6 +86,8 @@ class RequeueGrace:
         if n < self.nnodes:
             print(f"[jrm-torchrun] only {n} of {self.nnodes} node(s) reported done; leaving anyway",
                   file=sys.stderr, flush=True)
+        elif self.store is not None:
+            time.sleep(1.0)  # the host goes last: let the others read the count before the store closes
 
 
 def main(argv: list[str] | None = None) -> int:

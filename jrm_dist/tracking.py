@@ -108,8 +108,14 @@ class MlflowTracker:
         self._wake.set()
 
     def wait_run_id(self, timeout: float = 60.0) -> str | None:
-        """The run id, waiting up to ``timeout`` s for the background thread to create the run."""
-        self._run_ready.wait(timeout)
+        """The run id, waiting up to ``timeout`` s for the background thread to create the run; during an
+        outage it does not wait (the checkpoint then records no run id and a resume starts a new run)."""
+        end = time.monotonic() + timeout
+        while not self._run_ready.is_set() and not self._outage and time.monotonic() < end:
+            self._run_ready.wait(0.2)
+        if self.run_id is None:
+            log.warning("MLflow: no run id yet (tracking server %s %s)", self.uri,
+                        "unreachable" if self._outage else "slow")
         return self.run_id
 
     def flush(self, timeout: float = 60.0) -> bool:
@@ -128,7 +134,7 @@ class MlflowTracker:
     def close(self, timeout: float = 60.0, status: str = "FINISHED") -> None:
         """Flush (bounded; during an outage only one more retry window), end the run, spill anything
         unsent to mlflow_unsent.jsonl."""
-        ok = self.flush(min(timeout, 2 * self._max_retry_s) if self._outage else timeout)
+        ok = self.flush(min(timeout, 2 * self._retry_s + 1.0) if self._outage else timeout)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

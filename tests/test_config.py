@@ -52,7 +52,9 @@ def test_cross_field_rules():
 
 
 def test_shipped_configs_load():
-    files = sorted((ROOT / "configs").rglob("*.yaml"))
-    assert files, "configs/ has no YAML files"
+    """Every training config in configs/ validates (configs/repro/runs.yaml is a run list, checked in
+    tests/test_report.py)."""
+    files = sorted(f for f in (ROOT / "configs").rglob("*.yaml") if f.name != "runs.yaml")
+    assert {"tiny.yaml", "qwen2_5_vl_7b.yaml", "qwen2_5_vl_72b.yaml"} <= {f.name for f in files}
     for f in files:
         load_config(f)

@@ -77,3 +77,79 @@ def test_training_survives_a_stopped_tracking_server(tiny_backbone, synthetic_sh
     assert (out / "export" / "jrm_config.json").exists()
     unsent = [json.loads(ln) for ln in (out / "mlflow_unsent.jsonl").read_text().splitlines()]
     assert {m["step"] for m in unsent if m.get("key") == "loss/total"} == {1, 2, 3}
+
+
+STEPS = 30  # 64 groups / (1 rank x 2 groups) = one epoch of 32 steps
+
+
+def test_training_survives_a_tracking_server_stopped_mid_run(tiny_backbone, synthetic_shards, tmp_path):
+    """A real ``mlflow server``: metrics reach it until it is stopped (once it holds step 2); training finishes,
+    the rest goes to mlflow_unsent.jsonl."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    import urllib.request
+
+    port = free_port()
+    store = tmp_path / "server.db"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--artifacts-destination", str(tmp_path / "artifacts")],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        out = tmp_path / "run"
+        ov = base_overrides(tiny_backbone, synthetic_shards, out, steps=STEPS,
+                            **{"tracking.uri": f"http://127.0.0.1:{port}", "train.save_every": 0,
+                               "data.eval_shards": ""})
+        stopped = {}
+
+        def stop_after_step_2(procs):
+            def watch():  # stop the server as soon as it holds step 2's loss
+                from mlflow import MlflowClient
+
+                live = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+                while True:
+                    try:
+                        runs = live.search_runs([e.experiment_id for e in live.search_experiments()])
+                        if runs and any(m.step >= 2 for m in
+                                        live.get_metric_history(runs[0].info.run_id, "loss/total")):
+                            break
+                    except Exception:  # noqa: BLE001 - not created yet
+                        pass
+                    time.sleep(0.05)
+                os.killpg(server.pid, signal.SIGKILL)
+                log = out / "steps.jsonl"
+                stopped["at"] = len(log.read_text().splitlines())
+            threading.Thread(target=watch, daemon=True).start()
+
+        r = spawn(ov, world=1, on_start=stop_after_step_2,
+                  env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    assert r.codes == [0], r.log
+    assert stopped["at"] < STEPS and "MLflow: cannot reach" in r.log
+    assert (out / "export" / "jrm_config.json").exists()
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert len(runs) == 1
+    sent = {m.step for m in c.get_metric_history(runs[0].info.run_id, "loss/total")}
+    unsent = {json.loads(ln)["step"] for ln in (out / "mlflow_unsent.jsonl").read_text().splitlines()
+              if json.loads(ln).get("key") == "loss/total"}
+    assert {1, 2} <= sent
+    assert sent | unsent == set(range(1, STEPS + 1))  # nothing lost: on the server or on disk

@@ -23,7 +23,7 @@ def test_adamw8bit_under_zero3_trains(tiny_backbone, synthetic_shards, tmp_path)
     for rank in (0, 1):
         info = json.loads((out / "ranks" / f"rank_{rank:05d}.json").read_text())
         assert info["params_local"] < 0.55 * info["params_total"]  # still ZeRO-3 partitioned
-        # fp32 master partition (4 B) + two 8-bit moments (~1 B each + block absmax): well under AdamW's 12 B
+        # fp32 master partition (4 B) + two 8-bit moments (~1 B each + block absmax): ~6 B, AdamW needs 12 B
         assert info["optimizer_state_bytes"] / info["params_local"] < 7.0, info
 
 
