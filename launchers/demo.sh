@@ -10,15 +10,15 @@ set -euo pipefail
 JRM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$JRM_ROOT"
 DEMO_DIR="${DEMO_DIR:-runs/demo}"
-DEMO_STEPS="${DEMO_STEPS:-60}"
+DEMO_STEPS="${DEMO_STEPS:-300}"
 RUN="$DEMO_DIR/run"
 
 echo "== 1/5 tiny offline Qwen2.5-VL backbone"
 jrm-make-tiny --out "$DEMO_DIR/tiny-backbone"
 
 echo "== 2/5 synthetic shards (learnable task: the candidate painted in the asked colour wins)"
-jrm-prep synthetic --out "$DEMO_DIR/data/train" --groups 512 --seed 0 --quiet
-jrm-prep synthetic --out "$DEMO_DIR/data/eval" --groups 64 --seed 1 --quiet
+jrm-prep synthetic --out "$DEMO_DIR/data/train" --groups 512 --seed 0 --quiet --overwrite
+jrm-prep synthetic --out "$DEMO_DIR/data/eval" --groups 64 --seed 1 --quiet --overwrite
 jrm-prep verify "$DEMO_DIR/data/train" --quiet
 
 echo "== 3/5 joint training: ZeRO-3 on 2 CPU ranks ($DEMO_STEPS steps)"

@@ -354,23 +354,39 @@ def test_rationales_join_by_key(tmp_path):
 # ---- synthetic task ----------------------------------------------------------------------------
 
 def test_make_group_is_deterministic_valid_and_learnable():
-    rec, imgs = make_group(7, 11, k=4)
-    rec2, imgs2 = make_group(7, 11, k=4)
-    assert rec == rec2 and imgs == imgs2
-    assert make_group(7, 12, k=4)[1] != imgs
-    validate_group(rec, set(imgs))
-    asked = rec["instruction"].split()[-1]
-    assert asked in PALETTE
-    best = rec["ranking"][0]
-    assert len(best) == 1
-    for k, c in enumerate(rec["candidates"]):
-        im = Image.open(io.BytesIO(imgs[c["images"][0]]))
-        assert im.size == (56, 56) and im.mode == "RGB"
-        colours = {rgb for _, rgb in im.getcolors()}
-        painted = [name for name, rgb in PALETTE.items() if rgb in colours]
-        assert len(painted) == 1  # exactly one palette colour in the picture
-        assert (painted[0] == asked) == (k in best)
-        assert painted[0] in c["rationale"] and asked in c["rationale"]
-        assert ("does not follow" in c["rationale"]) == (k not in best)
-    src = Image.open(io.BytesIO(imgs["src0.png"]))
+    kinds = set()
+    for index in range(12):
+        rec, imgs = make_group(7, index, k=4)
+        rec2, imgs2 = make_group(7, index, k=4)
+        assert rec == rec2 and imgs == imgs2
+        validate_group(rec, set(imgs))
+        asked = rec["instruction"].split()[-1]
+        assert asked in PALETTE
+        kind = rec["meta"]["kind"]
+        kinds.add(kind)
+        best = rec["ranking"][0]
+        assert len(best) == 1
+        speckles = []
+        for k, c in enumerate(rec["candidates"]):
+            im = Image.open(io.BytesIO(imgs[c["images"][0]]))
+            assert im.size == (56, 56) and im.mode == "RGB"
+            colours = im.getcolors(56 * 56)
+            painted = [name for name, rgb in PALETTE.items() if rgb in {rgb for _, rgb in colours}]
+            assert len(painted) == 1  # exactly one palette colour in the picture
+            speckles.append(sum(n for n, (r, g, b) in colours if r == g == b and (r, g, b) != (225, 225, 225)))
+            assert painted[0] in c["rationale"]
+            if kind == "colour":  # instruction following decides: the asked colour wins, images are clean
+                assert (painted[0] == asked) == (k in best)
+                assert ("does not follow" in c["rationale"]) == (k not in best)
+            else:  # quality decides: all paint the asked colour, the cleanest wins
+                assert painted[0] == asked
+        if kind == "colour":
+            assert speckles == [0] * 4
+        else:
+            assert speckles.index(min(speckles)) == best[0] and min(speckles) == 0
+            order = [i for tier in rec["ranking"] for i in tier]
+            assert [speckles[i] for i in order] == sorted(speckles)  # more noise, lower rank
+    assert kinds == {"colour", "quality"}
+    assert make_group(7, 12, k=4)[1] != make_group(7, 11, k=4)[1]
+    src = Image.open(io.BytesIO(make_group(7, 0)[1]["src0.png"]))
     assert (128, 128, 128) in {rgb for _, rgb in src.getcolors()}

@@ -3,10 +3,8 @@ equality with a single process on the same global batch, MLflow content, and the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
