@@ -73,9 +73,6 @@ def _offload(kind: str, nvme_path: str) -> dict[str, Any] | None:
 def deepspeed_config(cfg: JRMConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON config. One micro-batch = ``data.groups_per_batch`` groups per rank."""
     z = cfg.zero
-    if z.stage == 0:
-        raise ConfigError("zero.stage=0 is not supported by jrm-train: use 1, 2 or 3 (DeepSpeed's ZeRO optimizers "
-                          "are what skip a non-finite step on every rank)")
     zero: dict[str, Any] = {
         "stage": z.stage,
         "overlap_comm": z.overlap_comm,
@@ -142,8 +139,8 @@ def _freeze(model, cfg: JRMConfig) -> None:
 
 
 def _apply_lora(model, cfg: JRMConfig) -> None:
-    """LoRA adapters on the backbone's matching Linear layers (peft); the base weights are frozen,
-    the reward head, and the token embeddings (reward-token row) stay trainable."""
+    """LoRA adapters on the backbone's matching Linear layers (peft); the base weights are frozen; the
+    reward head (with the reward-token embedding) stays trainable."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -152,7 +149,6 @@ def _apply_lora(model, cfg: JRMConfig) -> None:
                           bias="none")
     lm_head = model.backbone.get_output_embeddings()
     model.backbone = get_peft_model(model.backbone, pcfg).base_model.model  # LoraModel injects in place
-    model.backbone.get_input_embeddings().weight.requires_grad_(True)
     assert model.backbone.get_output_embeddings() is lm_head
 
 
@@ -199,14 +195,13 @@ HEAD_PREFIXES = ("reward_head.",)
 
 
 def param_groups(model, cfg: JRMConfig) -> list[dict[str, Any]]:
-    """Backbone at ``optim.lr``; reward head (and the token-embedding matrix that holds the new
-    reward-token row) at ``optim.head_lr``, no weight decay on the head/biases/norms."""
-    emb = model.backbone.get_input_embeddings().weight
+    """Backbone at ``optim.lr``; reward head and reward-token embedding (both under ``reward_head.``) at
+    ``optim.head_lr``; no weight decay on the head/biases/norms."""
     groups = {"backbone": [], "backbone_no_decay": [], "head": []}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if n.startswith(HEAD_PREFIXES) or p is emb:
+        if n.startswith(HEAD_PREFIXES):
             groups["head"].append(p)
         elif p.ndim < 2 or n.endswith(".bias") or "norm" in n.lower():
             groups["backbone_no_decay"].append(p)

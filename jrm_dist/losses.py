@@ -138,6 +138,19 @@ def _bt_expected(z, log_v, tie, m):
     return out
 
 
+def resolve_ties(win_idx, lose_idx, tie, ties: str, tie_margin: float):
+    """The pair set and margin a rank loss sees: ``ties="ignore"`` drops tie pairs; the three-outcome
+    model (margin m) applies when the data carries tie labels (a mask, even all False); ``tie=None``
+    means two-outcome data and gives the plain formulas. Shared by the reference and jrm_kernels."""
+    if tie is not None and ties == "ignore":
+        keep = ~tie
+        win_idx, lose_idx, tie = win_idx[keep], lose_idx[keep], None
+    m = float(tie_margin) if tie is not None else 0.0
+    if tie is not None and m <= 0.0:
+        raise ValueError("tie_margin must be > 0 when ties are modelled")
+    return win_idx, lose_idx, tie, m
+
+
 def gaussian_rank_loss(mu: torch.Tensor, log_var: torch.Tensor, win_idx: torch.Tensor, lose_idx: torch.Tensor,
                        tie: torch.Tensor | None = None, mode: str = "thurstone", reduction: str = "mean",
                        ties: str = "model", tie_margin: float = 0.5) -> torch.Tensor:
@@ -148,15 +161,7 @@ def gaussian_rank_loss(mu: torch.Tensor, log_var: torch.Tensor, win_idx: torch.T
         raise ValueError(f"ties={ties!r}: expected one of {TIE_MODES}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r}: expected mean, sum or none")
-    if tie is not None and ties == "ignore":
-        keep = ~tie
-        win_idx, lose_idx, tie = win_idx[keep], lose_idx[keep], None
-    # The three-outcome model (margin m) applies when the data carries tie labels (a mask, even all
-    # False); tie=None means two-outcome data and gives the plain formulas.
-    m = float(tie_margin) if tie is not None else 0.0
-    if tie is not None and m <= 0.0:
-        raise ValueError("tie_margin must be > 0 when ties are modelled")
-    tie_arg = tie
+    win_idx, lose_idx, tie_arg, m = resolve_ties(win_idx, lose_idx, tie, ties, tie_margin)
     dt = torch.promote_types(mu.dtype, torch.float32)  # at least fp32 (bf16 in, fp32 math; fp64 stays fp64)
     z, log_v = _pair_stats(mu.to(dt), log_var.to(dt), win_idx, lose_idx)
     if mode == "thurstone":

@@ -64,13 +64,28 @@ def attach_lm_loss(lm_head: nn.Module, impl: str = "auto", **opts) -> nn.Module:
     return lm_head
 
 
+class RewardTokenEmbedding(nn.Module):
+    """The ``<|reward|>`` input embedding, held apart from the vocabulary matrix so it trains at the
+    head's learning rate while the 152k-row matrix keeps the backbone's. Substituted at the reward
+    positions inside this module's forward (under ZeRO-3 the hook gathers its one partitioned row)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, inputs_embeds: torch.Tensor, is_reward: torch.Tensor) -> torch.Tensor:
+        return torch.where(is_reward.unsqueeze(-1), self.weight.to(inputs_embeds.dtype), inputs_embeds)
+
+
 class RewardHead(nn.Module):
-    """hidden → (mu, log_var); computed in fp32 whatever the backbone precision."""
+    """hidden → (mu, log_var); computed in fp32 whatever the backbone precision. Owns the reward-token
+    embedding too, so everything new that JRM adds lives (and is saved, and gets ``optim.head_lr``) here."""
 
     def __init__(self, hidden_size: int, head_hidden: int):
         super().__init__()
         self.fc = nn.Linear(hidden_size, head_hidden)
         self.out = nn.Linear(head_hidden, 2)
+        self.token = RewardTokenEmbedding(hidden_size)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -122,8 +137,11 @@ class JointRewardModel(nn.Module):
         hidden = backbone.config.get_text_config().hidden_size
         self.reward_head = RewardHead(hidden, head_hidden)
         if init_head:
-            with gathered(list(self.reward_head.parameters())):
+            emb = backbone.get_input_embeddings().weight
+            with gathered(list(self.reward_head.parameters()) + [emb]):
                 self.reward_head.reset_parameters()
+                with torch.no_grad():  # start from the vocabulary row add_reward_token initialised
+                    self.reward_head.token.weight.copy_(emb[self.reward_token_id].float())
         attach_lm_loss(backbone.get_output_embeddings(), lm_ce, **(ce_opts or {}))
 
     # ----------------------------------------------------------------- construction
@@ -188,9 +206,13 @@ class JointRewardModel(nn.Module):
         return pooled.float().sum() * 0.0
 
     def _hidden(self, batch, input_ids, attention_mask, mm):
+        # input_ids still go in next to the embeddings: the backbone finds image placeholders and
+        # computes 3-D MRoPE positions from them.
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        embeds = self.reward_head.token(embeds, input_ids == self.reward_token_id)
         out = self.backbone.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm, use_cache=False,
-            **self._vision_kwargs(batch))
+            input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, mm_token_type_ids=mm,
+            use_cache=False, **self._vision_kwargs(batch))
         return out.last_hidden_state
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ Parameters are counted tensor by tensor from the architecture (exactly the HF mo
 ``sum(p.numel())`` of the model built on the meta device in tests/test_plan.py): text embedding V·h,
 per decoder layer q/k/v (with bias) + o + SwiGLU gate/up/down (3·h·I) + 2 RMSNorms, final norm, untied LM
 head V·h; vision tower patch Conv3d (3·t·p²·hv), per block qkv/proj/gate/up/down (all with bias) + 2 norms,
-the patch merger (RMSNorm, 4hv→4hv, 4hv→h); plus the JRM reward head (h→head_hidden→2).
+the patch merger (RMSNorm, 4hv→4hv, 4hv→h); plus the JRM reward head (h→head_hidden→2) and its reward-token embedding (h).
 
 Model states (ZeRO paper, Rajbhandari et al. 2020: 2Ψ bf16 params + 2Ψ bf16 grads + KΨ optimizer states,
 K = 12 for mixed-precision Adam = fp32 master + m + v). Per trainable parameter we count
@@ -258,7 +258,8 @@ def inventory(a: Arch, head_hidden: int) -> list[Tensor]:
     if not a.tie_embeddings:
         out.append(Tensor("lm_head", "lm_head", a.vocab * h))
     out += [Tensor("head", "fc", h * head_hidden), Tensor("head", "fc", head_hidden),
-            Tensor("head", "out", head_hidden * 2), Tensor("head", "out", 2)]
+            Tensor("head", "out", head_hidden * 2), Tensor("head", "out", 2),
+            Tensor("head", "token", h)]  # the reward-token embedding (model.RewardTokenEmbedding)
     return out
 
 

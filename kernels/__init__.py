@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from jrm_dist.losses import RANK_MODES, TIE_MODES
+from jrm_dist.losses import RANK_MODES, TIE_MODES, resolve_ties
 
 from ._ce_torch import DEFAULT_BLOCK_ELEMS, LinearCETorch, check_ce_args, reference_linear_ce
 from ._rank_torch import RankLossTorch
@@ -90,14 +90,7 @@ def gaussian_rank_loss(mu: torch.Tensor, log_var: torch.Tensor, win_idx: torch.T
     """Fused uncertainty-aware pairwise ranking loss; same signature and math as
     ``jrm_dist.losses.gaussian_rank_loss`` (the fp32 truth), plus ``backend``."""
     _check_rank_args(mu, log_var, win_idx, lose_idx, tie, mode, reduction, ties, tie_margin)
-    if tie is not None and ties == "ignore":
-        keep = ~tie
-        win_idx, lose_idx, tie = win_idx[keep], lose_idx[keep], None
-    # the three-outcome model (margin m) applies whenever tie labels are given (even all False);
-    # tie=None is two-outcome data: plain formulas (as in the reference)
-    m = float(tie_margin) if tie is not None else 0.0
-    if tie is not None and m <= 0.0:
-        raise ValueError("tie_margin must be > 0 when ties are modelled")
+    win_idx, lose_idx, tie, m = resolve_ties(win_idx, lose_idx, tie, ties, tie_margin)  # same rule as the reference
     if tie is not None and not bool(tie.any()):
         tie = None  # same margin, no tie rows: skip the tie branch
     if pick_backend(mu.device, backend) == "triton":

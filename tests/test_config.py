@@ -26,6 +26,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing: expected true/false"),
     ("loss.rank_mode=plackett", "loss.rank_mode='plackett': expected one of"),
     ("zero.stage=4", "zero.stage=4: expected one of"),
+    ("zero.stage=0", "zero.stage=0: expected one of 1, 2, 3"),
     ("loss", "expected dotted.key=value"),
 ])
 def test_errors_name_the_key(override, message):

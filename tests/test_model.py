@@ -61,6 +61,17 @@ def test_reward_token_added_and_initialised(model, tiny_processor):
     rid = tiny_processor.reward_token_id
     assert emb.shape[0] > rid
     torch.testing.assert_close(emb[rid], emb[:rid].mean(0), rtol=1e-5, atol=1e-6)
+    # the trainable reward-token embedding (head LR) starts from that row and is what the model reads
+    torch.testing.assert_close(model.reward_head.token.weight, emb[rid], rtol=0, atol=0)
+    b = _batch(tiny_processor, rationale=False, n=1)
+    mu0, _ = model.score(b)
+    with torch.no_grad():
+        model.reward_head.token.weight.add_(1.0)
+    try:
+        assert not torch.allclose(model.score(b)[0], mu0)
+    finally:
+        with torch.no_grad():
+            model.reward_head.token.weight.sub_(1.0)
 
 
 def test_gradients_reach_both_heads_and_vision(model, tiny_processor):

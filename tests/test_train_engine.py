@@ -59,12 +59,13 @@ def plain_model(tiny_backbone, tiny_processor):
     return build_model(cfg_with(backbone=tiny_backbone), tiny_processor.reward_token_id, None)
 
 
-def test_param_groups_give_head_and_embeddings_the_head_lr(plain_model, tiny_backbone):
+def test_param_groups_give_head_and_reward_token_the_head_lr(plain_model, tiny_backbone):
     c = cfg_with("optim.lr=1e-5", "optim.head_lr=1e-3", "optim.weight_decay=0.1", backbone=tiny_backbone)
     groups = {g["name"]: g for g in param_groups(plain_model, c)}
     head_ids = {id(p) for p in groups["head"]["params"]}
     assert {id(p) for p in plain_model.reward_head.parameters()} <= head_ids
-    assert id(plain_model.backbone.get_input_embeddings().weight) in head_ids
+    assert id(plain_model.reward_head.token.weight) in head_ids  # the reward-token embedding
+    assert id(plain_model.backbone.get_input_embeddings().weight) not in head_ids  # the vocabulary: backbone LR
     assert groups["head"]["lr"] == 1e-3 and groups["backbone"]["lr"] == 1e-5
     assert groups["backbone"]["weight_decay"] == 0.1 and groups["backbone_no_decay"]["weight_decay"] == 0.0
     n = sum(len(g["params"]) for g in groups.values())

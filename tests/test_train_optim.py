@@ -13,7 +13,8 @@ pytestmark = pytest.mark.timeout(400)
 def test_adamw8bit_under_zero3_trains(tiny_backbone, synthetic_shards, tmp_path):
     out = tmp_path / "run"
     ov = base_overrides(tiny_backbone, synthetic_shards, out, steps=8,
-                        **{"optim.name": "adamw8bit", "optim.schedule": "constant", "train.save_every": 0,
+                        **{"optim.name": "adamw8bit", "optim.lr": "3e-3", "optim.schedule": "constant",
+                           "train.save_every": 0,
                            "tracking.enabled": "false", "data.eval_shards": ""})
     r = spawn(ov)
     assert r.codes == [0, 0], r.log
