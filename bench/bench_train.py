@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _result import emit  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 
 def build_backbone(base: str | None, vocab: int, tmp: Path) -> str:
@@ -195,6 +196,9 @@ def main() -> None:
               f"{ours['pairs_per_s'] / base['pairs_per_s']:9.2f}x")
         print(f"{'peak RSS (MB)':28s}{ours['peak_rss_mb']:14.0f}{base['peak_rss_mb']:18.0f}"
               f"{base['peak_rss_mb'] / ours['peak_rss_mb']:9.2f}x less")
+        emit("train: joint step pairs/s vs EditReward-style", ours["pairs_per_s"], base["pairs_per_s"], "pairs/s", True,
+             "baseline: A then B forwards, full-vocabulary logits, MC(1000) rank loss")
+        emit("train: joint step peak RSS", ours["peak_rss_mb"], base["peak_rss_mb"], "MB", False)
         if not args.skip_zero:
             z = zero_memory(tiny, tmp)
             one, two = z[1], z[2]
@@ -205,6 +209,7 @@ def main() -> None:
                                ("optimizer state (KB)", one["optim_bytes"], two["optim_bytes"]),
                                ("params + optimizer (KB)", tot1, tot2)):
                 print(f"{name:28s}{a / 1024:14.1f}{b / 1024:18.1f}{b / a:9.2f}x")
+            emit("train: ZeRO-3 params+optimizer per rank, 2 ranks vs 1", tot2 / 1024, tot1 / 1024, "KB", False)
 
 
 if __name__ == "__main__":
