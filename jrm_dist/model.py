@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 from jrm_dist.backbones import load_backbone
 from jrm_dist.losses import masked_lm_loss
-from jrm_dist.processing import IGNORE_INDEX, REWARD_TOKEN
+from jrm_dist.processing import IGNORE_INDEX, JRM_CONFIG, REWARD_TOKEN
 
-JRM_CONFIG = "jrm_config.json"
 HEAD_WEIGHTS = "reward_head.safetensors"
 FORMAT = "jrm-dist/1"
 
@@ -167,9 +166,11 @@ class JointRewardModel(nn.Module):
         self.backbone.save_pretrained(out, safe_serialization=True)
         save_file({k: v.detach().float().contiguous().cpu() for k, v in self.reward_head.state_dict().items()},
                   str(out / HEAD_WEIGHTS))
-        (out / JRM_CONFIG).write_text(json.dumps(self.jrm_config(), indent=2))
+        jcfg = self.jrm_config()
         if processor is not None:
             processor.save_pretrained(str(out))
+            jcfg["processor"] = processor.settings()  # scoring must encode inputs as training did
+        (out / JRM_CONFIG).write_text(json.dumps(jcfg, indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "auto",

@@ -13,7 +13,9 @@ image processor, expand each ``<|image_pad|>`` to ``grid_thw.prod() // merge**2`
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -22,6 +24,7 @@ from PIL import Image
 from jrm_dist.backbones import load_image_processor, load_tokenizer
 
 REWARD_TOKEN = "<|reward|>"
+JRM_CONFIG = "jrm_config.json"  # a JRM checkpoint's head settings + the processor settings used in training
 IGNORE_INDEX = -100
 DEFAULT_PROMPT = (
     "You are judging an image edit. Instruction: {instruction}\n"
@@ -63,6 +66,7 @@ class RewardProcessor:
         self.image_processor = image_processor
         self.prompt = prompt
         self.max_length = max_length
+        self.max_pixels, self.min_pixels = max_pixels, min_pixels
         self.size = None
         if max_pixels or min_pixels:
             size = dict(getattr(image_processor, "size", None) or {})
@@ -81,7 +85,20 @@ class RewardProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str, **kw) -> "RewardProcessor":
-        return cls(load_tokenizer(path), load_image_processor(path), **kw)
+        """Tokenizer + image processor of ``path``. A JRM checkpoint also records how training encoded
+        its inputs (prompt, pixel budget, max length); those are reused so scoring encodes the same
+        way. Explicit keyword arguments (not None) win."""
+        opts = {}
+        saved = Path(path) / JRM_CONFIG
+        if saved.exists():
+            opts = dict(json.loads(saved.read_text()).get("processor") or {})
+        opts.update({k: v for k, v in kw.items() if v is not None})
+        return cls(load_tokenizer(path), load_image_processor(path), **opts)
+
+    def settings(self) -> dict:
+        """What ``from_pretrained`` restores from a checkpoint's jrm_config.json."""
+        return {"prompt": self.prompt, "max_pixels": self.max_pixels, "min_pixels": self.min_pixels,
+                "max_length": self.max_length}
 
     def save_pretrained(self, path: str) -> None:
         self.tokenizer.save_pretrained(path)

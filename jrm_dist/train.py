@@ -354,14 +354,14 @@ class Trainer:
 
     def _hf_files(self, d: Path) -> None:
         """What jrm-export needs besides the weights: backbone config, processor files, head settings."""
+        from jrm_dist.processing import JRM_CONFIG
+
         d.mkdir(parents=True, exist_ok=True)
         self.model.backbone.config.save_pretrained(str(d))
         self.processor.save_pretrained(str(d))
         jcfg = self.model.jrm_config()
-        # how inputs were encoded in training: scoring/serving must encode the same way
-        jcfg["processor"] = {"prompt": self.processor.prompt, "max_pixels": self.cfg.data.max_pixels,
-                             "min_pixels": self.cfg.data.min_pixels, "max_length": self.cfg.data.max_length}
-        (d / "jrm_config.json").write_text(json.dumps(jcfg, indent=2))
+        jcfg["processor"] = self.processor.settings()  # scoring/serving must encode inputs as training did
+        (d / JRM_CONFIG).write_text(json.dumps(jcfg, indent=2))
 
     # ---- eval
     @torch.no_grad()

@@ -124,3 +124,20 @@ def test_save_load_roundtrip_without_pickle(model, tiny_processor, tmp_path, mon
     torch.testing.assert_close(loaded.score(b)[0], model.score(b)[0], rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="not a JRM checkpoint"):
         JointRewardModel.from_pretrained(tmp_path)
+
+
+def test_checkpoint_restores_the_training_encoding(model, tiny_backbone, tmp_path):
+    """A JRM checkpoint records how training encoded inputs; scoring reloads the same prompt/pixel budget."""
+    from jrm_dist.processing import RewardProcessor
+
+    trained = RewardProcessor.from_pretrained(tiny_backbone, prompt="Rate this edit: {instruction}",
+                                              max_pixels=28 * 28 * 4, max_length=300)
+    model.save_pretrained(tmp_path / "ckpt", processor=trained)
+    again = RewardProcessor.from_pretrained(str(tmp_path / "ckpt"))
+    assert again.settings() == trained.settings()
+    assert again.prompt == "Rate this edit: {instruction}" and again.size["longest_edge"] == 28 * 28 * 4
+    assert RewardProcessor.from_pretrained(str(tmp_path / "ckpt"), max_pixels=12544).max_pixels == 12544
+    rec, images = make_group(0, 1, k=2)
+    a = encode_group(trained, rec, images, use_rationale=False).candidates[0]
+    b = encode_group(again, rec, images, use_rationale=False).candidates[0]
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
