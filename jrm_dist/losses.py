@@ -138,6 +138,16 @@ def _bt_expected(z, log_v, tie, m):
     return out
 
 
+def check_rank_options(mode: str, ties: str, reduction: str) -> None:
+    """Option checks shared by the reference and jrm_kernels."""
+    if mode not in RANK_MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {RANK_MODES}")
+    if ties not in TIE_MODES:
+        raise ValueError(f"ties={ties!r}: expected one of {TIE_MODES}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r}: expected mean, sum or none")
+
+
 def resolve_ties(win_idx, lose_idx, tie, ties: str, tie_margin: float):
     """The pair set and margin a rank loss sees: ``ties="ignore"`` drops tie pairs; the three-outcome
     model (margin m) applies when the data carries tie labels (a mask, even all False); ``tie=None``
@@ -155,12 +165,7 @@ def gaussian_rank_loss(mu: torch.Tensor, log_var: torch.Tensor, win_idx: torch.T
                        tie: torch.Tensor | None = None, mode: str = "thurstone", reduction: str = "mean",
                        ties: str = "model", tie_margin: float = 0.5) -> torch.Tensor:
     """Uncertainty-aware pairwise ranking loss (see module docstring for the modes and tie models)."""
-    if mode not in RANK_MODES:
-        raise ValueError(f"mode={mode!r}: expected one of {RANK_MODES}")
-    if ties not in TIE_MODES:
-        raise ValueError(f"ties={ties!r}: expected one of {TIE_MODES}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction={reduction!r}: expected mean, sum or none")
+    check_rank_options(mode, ties, reduction)
     win_idx, lose_idx, tie_arg, m = resolve_ties(win_idx, lose_idx, tie, ties, tie_margin)
     dt = torch.promote_types(mu.dtype, torch.float32)  # at least fp32 (bf16 in, fp32 math; fp64 stays fp64)
     z, log_v = _pair_stats(mu.to(dt), log_var.to(dt), win_idx, lose_idx)

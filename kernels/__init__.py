@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from jrm_dist.losses import RANK_MODES, TIE_MODES, resolve_ties
+from jrm_dist.losses import check_rank_options, resolve_ties
 
 from ._ce_torch import DEFAULT_BLOCK_ELEMS, LinearCETorch, check_ce_args, reference_linear_ce
 from ._rank_torch import RankLossTorch
@@ -58,12 +58,7 @@ def _triton_module(name: str):
 
 
 def _check_rank_args(mu, log_var, win_idx, lose_idx, tie, mode, reduction, ties, tie_margin):
-    if mode not in RANK_MODES:
-        raise ValueError(f"mode={mode!r}: expected one of {RANK_MODES}")
-    if ties not in TIE_MODES:
-        raise ValueError(f"ties={ties!r}: expected one of {TIE_MODES}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction={reduction!r}: expected mean, sum or none")
+    check_rank_options(mode, ties, reduction)
     if mu.dim() != 1 or log_var.shape != mu.shape:
         raise ValueError(f"mu and log_var must be 1-D of the same length, got {tuple(mu.shape)} and "
                          f"{tuple(log_var.shape)}")
