@@ -134,6 +134,12 @@ jrm_maybe_requeue() {
 jrm_slurm_main() {
     [[ -n "${SLURM_JOB_ID:-}" ]] ||
         jrm_die "not inside a Slurm job: submit this script with sbatch (or use launchers/train_local.sh)"
+    # The launcher's planned micro-batch / accumulation (DEFAULT_*, env-overridable) go first, so the
+    # caller's own overrides in "$@" still win.
+    local planned=()
+    if [[ -n "${DEFAULT_MICRO_BATCH:-}" ]]; then planned+=(data.groups_per_batch="${JRM_MICRO_BATCH:-$DEFAULT_MICRO_BATCH}"); fi
+    if [[ -n "${DEFAULT_GRAD_ACCUM:-}" ]]; then planned+=(train.grad_accum="${JRM_GRAD_ACCUM:-$DEFAULT_GRAD_ACCUM}"); fi
+    set -- "${planned[@]}" "$@"
     jrm_setup_env
     local nnodes="${SLURM_NNODES:?}" head port out_dir stamp
     head="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"

@@ -33,5 +33,4 @@ JRM_NPROC_PER_NODE="${JRM_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$DEFAULT_GPUS_PE
 # shellcheck source=launchers/common.sh
 source "$JRM_ROOT/launchers/common.sh"
 
-jrm_slurm_main data.groups_per_batch="${JRM_MICRO_BATCH:-$DEFAULT_MICRO_BATCH}" \
-    train.grad_accum="${JRM_GRAD_ACCUM:-$DEFAULT_GRAD_ACCUM}" "$@"
+jrm_slurm_main "$@"  # adds data.groups_per_batch / train.grad_accum from DEFAULT_* (common.sh)
