@@ -64,21 +64,6 @@ def row(section: str, case: str, ours: float, baseline: float, unit: str = "MiB"
 
 
 # ---------------------------------------------------------------------------------------- 1. DeepSpeed estimator
-def _meta_counts(model_json: Path) -> tuple[int, int]:
-    """(total params, largest module params) of the HF model built on the meta device from a config.json.
-    DeepSpeed's ``model_to_params`` dedupes by data_ptr, which is 0 for every meta tensor: count by identity."""
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(model_json.read_text())
-        cfg = AutoConfig.from_pretrained(d)
-    with torch.device("meta"):
-        m = Qwen2_5_VLForConditionalGeneration._from_config(cfg)
-    total = sum({id(p): p.numel() for p in m.parameters()}.values())
-    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in m.modules())
-    return total, largest
-
-
 def _planner_gpu_states(arch: P.Arch, cfg, n: int) -> float:
     """Planner model states + the gathered largest module in 16-bit param + grad (DeepSpeed's 4·largest)."""
     inv = P.inventory(arch, cfg.model.head_hidden)
@@ -109,9 +94,9 @@ def deepspeed_estimator(workdir: Path, quick: bool) -> list[dict]:
         else:
             src = ROOT / "jrm_dist" / "model_configs" / f"qwen2_5_vl_{name}.json"
             arch = P.read_arch(json.loads(src.read_text()), str(src))
-            total, largest = _meta_counts(src)
+            total, largest = P.hf_meta_counts(json.loads(src.read_text()))
             head = 1024
-            total += head * arch.hidden + head + 2 * head + 2
+            total += head * arch.hidden + head + 2 * head + 2 + arch.hidden  # reward head + reward-token embedding
         for mode, (off, off_p, zo, zp) in modes.items():
             cfg = load_config(None, ["model.precision=bf16", f"model.head_hidden={head}", "zero.stage=3",
                                      "zero.stage3_param_persistence_threshold=0",  # the estimator ignores it

@@ -263,6 +263,25 @@ def inventory(a: Arch, head_hidden: int) -> list[Tensor]:
     return out
 
 
+def hf_meta_counts(config_json: dict) -> tuple[int, int]:
+    """(total params, largest module's own params) of the transformers model built on the meta device from
+    a config.json dict: the independent count ``inventory`` is checked against (tests, bench/validate_plan.py).
+    Counted by identity: every meta tensor has data_ptr 0, so pointer-based dedup (DeepSpeed's) would fail."""
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(config_json))
+        cfg = AutoConfig.from_pretrained(d)
+    with torch.device("meta"):
+        m = Qwen2_5_VLForConditionalGeneration._from_config(cfg)
+    total = sum({id(p): p.numel() for p in m.parameters()}.values())
+    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in m.modules())
+    return total, largest
+
+
 def param_count(inv: list[Tensor], parts: set[str] | None = None) -> int:
     return sum(t.numel * t.count for t in inv if parts is None or t.part in parts)
 

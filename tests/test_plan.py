@@ -32,25 +32,13 @@ def _cfg(*overrides: str, base: str = "configs/qwen2_5_vl_7b.yaml"):
     return load_config(ROOT / base, list(overrides))
 
 
-def _hf_meta_count(config_json: dict, tmp_path: Path) -> tuple[int, int]:
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-
-    (tmp_path / "config.json").write_text(json.dumps(config_json))
-    cfg = AutoConfig.from_pretrained(tmp_path)
-    with torch.device("meta"):
-        m = Qwen2_5_VLForConditionalGeneration._from_config(cfg)
-    total = sum({id(p): p.numel() for p in m.parameters()}.values())
-    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in m.modules())
-    return total, largest
-
-
 @pytest.mark.parametrize("name", ["7b", "72b"])
-def test_parameter_inventory_equals_the_hf_model(name, tmp_path):
+def test_parameter_inventory_equals_the_hf_model(name):
     """Counted tensor by tensor from config.json == the transformers model built from the same file."""
     raw = json.loads((SHIPPED / f"qwen2_5_vl_{name}.json").read_text())
     arch = P.read_arch(raw, name)
     inv = P.inventory(arch, head_hidden=1024)
-    total, largest = _hf_meta_count(raw, tmp_path)
+    total, largest = P.hf_meta_counts(raw)
     assert P.param_count(inv) - P.param_count(inv, {"head"}) == total
     assert P.largest_module(inv) == largest
     # the published sizes: 8.29 B and 73.4 B
