@@ -177,7 +177,8 @@ def test_win_probability_symmetric_batched_and_safe_at_extremes(mode):
 
 def test_win_probability_closed_forms_and_tie_margin():
     # thurstone: Phi(dmu / sqrt(s_a^2 + s_b^2)); sqrt(0.6^2 + 0.8^2) = 1, so Phi(1)
-    assert float(win_probability(1.0, 0.6, 0.0, 0.8)) == pytest.approx(0.5 * (1 + math.erf(1 / math.sqrt(2))), abs=1e-15)
+    phi_1 = 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    assert float(win_probability(1.0, 0.6, 0.0, 0.8)) == pytest.approx(phi_1, abs=1e-15)
     assert float(win_probability(1.0, 5.0, 0.0, 7.0, "bt")) == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-15)
     # bt_expected with sigma 0 is bt; with a large sigma it is pulled towards 0.5
     assert float(win_probability(1.0, 0.0, 0.0, 0.0, "bt_expected")) == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-12)
