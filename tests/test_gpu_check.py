@@ -1,0 +1,75 @@
+"""bench/gpu_check.py (the GPU acceptance kit) in its --cpu mode, so the kit cannot rot between GPU slots.
+
+Each run is a fresh process: the kit sets TRITON_INTERPRET=1 before torch/triton are imported.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run_all import parse_results  # noqa: E402  the RESULT parser `make bench` uses
+
+KIT = ROOT / "bench" / "gpu_check.py"
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def test_cpu_mode_runs_every_section_and_writes_the_report(tmp_path):
+    out = tmp_path / "REPORT_GPU.md"
+    res = subprocess.run([sys.executable, str(KIT), "--cpu", "--out", str(out)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-6000:]
+    results, problems = parse_results(res.stdout.splitlines(), "gpu_check.py")
+    assert not problems, problems
+    names = {r["name"] for r in results}
+    for want in ("rank_fwd_bwd_thurstone_vs_mc1000", "rank_fwd_bwd_bt_expected_vs_mc1000",
+                 "ce_fused_vs_full_logits_time", "ce_fused_vs_masked_ref_time", "joint_step_tokens_per_s_vs_plan"):
+        assert want in names, (want, sorted(names))
+    checks = [ln for ln in res.stdout.splitlines() if ln.startswith("CHECK ")]
+    for group in ("rank_fp32_grid", "rank_fp32_extremes", "rank_bf16_grid", "ce_fp32_grid", "ce_bf16_grid",
+                  "ce_fused_loss_matches_at_bench_size", "step_losses_finite",
+                  "no_deepspeed_webdataset_mlflow_imported"):
+        line = next((ln for ln in checks if f" {group}:" in ln), None)
+        assert line is not None and line.startswith("CHECK ok"), (group, checks)
+    text = out.read_text()
+    assert "checks 8 passed, 0 failed; 0 section error(s)" in text, text[:2000]
+    for title in ("## 1. Kernels", "## 2. Speed", "## 3. Joint training step", "RESULT `joint_step_tokens_per_s"):
+        assert title in text
+    assert "Traceback" not in log
+
+
+def test_a_failing_check_fails_the_process(tmp_path):
+    """A wrong reference (masked LM loss off by 1%) must fail a check, be reported, and exit 1."""
+    out = tmp_path / "REPORT_GPU.md"
+    code = textwrap.dedent(f"""
+        import runpy, sys
+        import jrm_dist.losses as L
+        orig = L.masked_lm_loss
+        L.masked_lm_loss = lambda *a, **k: orig(*a, **k) * 1.01
+        sys.argv = [{str(KIT)!r}, "--cpu", "--only", "speed", "--out", {str(out)!r}]
+        runpy.run_path({str(KIT)!r}, run_name="__main__")
+    """)
+    env = dict(_env(), TRITON_INTERPRET="1")  # this driver imports torch before the kit can set it
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "CHECK FAIL ce_fused_loss_matches_at_bench_size" in res.stdout
+    assert "**FAIL** `ce_fused_loss_matches_at_bench_size`" in out.read_text()
+
+
+def test_no_gpu_without_cpu_flag_is_a_usage_error(tmp_path):
+    code = ("import sys, runpy, torch; torch.cuda.is_available = lambda: False; "
+            f"sys.argv = [{str(KIT)!r}, '--out', {str(tmp_path / 'r.md')!r}]; "
+            f"runpy.run_path({str(KIT)!r}, run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "--cpu" in res.stderr, res.stderr[-2000:]
