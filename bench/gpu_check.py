@@ -156,9 +156,11 @@ def time_fn(fn, dev: torch.device, budget_s: float, min_reps: int = 3, max_reps:
             warm: bool = True) -> float:
     """Median seconds per call after one warm-up call (compilation, autotuning, allocator; ``warm=False`` when
     the caller already ran one); CUDA events on a GPU, perf_counter on CPU. The repeats fit ``budget_s``."""
+    t_warm = time.perf_counter()
     if warm:
         fn()
     sync(dev)
+    t_warm = time.perf_counter() - t_warm
 
     def once() -> float:
         if dev.type == "cuda":
@@ -173,14 +175,17 @@ def time_fn(fn, dev: torch.device, budget_s: float, min_reps: int = 3, max_reps:
         return time.perf_counter() - t
 
     times = [once()]
+    if max(t_warm, times[0]) > budget_s:
+        min_reps = 1  # a slow call (seconds): one sample is the measurement, the slot's time is short
     reps = max(min_reps, min(max_reps, int(budget_s / max(times[0], 1e-6))))
     times += [once() for _ in range(reps - 1)]
     return statistics.median(times)
 
 
 def peak_extra_bytes(fn, dev: torch.device) -> float | None:
-    """Peak allocated bytes above what was allocated before ``fn`` (GPU only; None on CPU)."""
+    """Runs ``fn``; returns its peak allocated bytes above what was allocated before (GPU; None on CPU)."""
     if dev.type != "cuda":
+        fn()
         return None
     torch.cuda.synchronize(dev)
     base = torch.cuda.memory_allocated(dev)
@@ -250,8 +255,16 @@ def bf16_ratio(ours, same, truth, slack_abs: float, slack_rel: float, elementwis
 class Group:
     """Many cases, one CHECK line: count, worst error in units of the tolerance, the first failures by name."""
 
-    def __init__(self, rep: Report, name: str):
+    def __init__(self, rep: Report, name: str, budget: "Budget | None" = None, reserve_s: float = 0.0):
         self.rep, self.name, self.n, self.bad, self.worst = rep, name, 0, [], 0.0
+        self.budget, self.reserve_s, self.cut = budget, reserve_s, False
+
+    def time_ok(self) -> bool:
+        """False once the time budget is down to the reserve kept for the later sections (stop adding cases)."""
+        if self.budget is not None and self.budget.left() < self.reserve_s and not self.cut:
+            self.cut = True
+            self.rep.skip(f"{self.name} (after {self.n} cases)", "time budget: the rest of the grid is not run")
+        return not self.cut
 
     def add(self, case: str, ratio: float) -> None:
         self.n += 1
@@ -274,6 +287,7 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
     from jrm_dist.losses import gaussian_rank_loss as ref_rank, masked_lm_loss
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references must be fp32
+    reserve = 0.0 if cpu else 0.45 * budget.left()  # compile-heavy: keep time for the speed and step sections
     rep.note(f"Triton mode: {'interpreted (TRITON_INTERPRET=1, CPU tensors)' if cpu else 'compiled, ' + str(dev)}; "
              f"grids from tests/test_kernels_rank.py and tests/test_kernels_ce.py")
 
@@ -284,8 +298,10 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
         return jrm_kernels.fused_linear_masked_ce(*a, backend="triton", **kw)
 
     # --- rank loss, fp32: the reference grid (modes x ties x reductions x sizes)
-    g = Group(rep, "rank_fp32_grid")
+    g = Group(rep, "rank_fp32_grid", budget, reserve)
     for kw in thin(list(param_grid(rk_t.test_matches_reference)), cpu, 7):
+        if not g.time_ok():
+            break
         k, p = kw.pop("k"), kw.pop("p")
         mu, lv, win, lose, tie = _to(dev, *rk_t.random_pairs(k, p, seed=k * 1000 + p))
         kw["tie_margin"] = 0.7
@@ -295,7 +311,7 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
     g.done("rtol 2e-5, atol 2e-6 of the fp32 reference")
 
     # --- rank loss, extremes (|dmu| to 1e4, log_var +-30, ties): vs the CPU path, checked against mpmath in tests
-    g = Group(rep, "rank_fp32_extremes")
+    g = Group(rep, "rank_fp32_extremes", budget, reserve)
     ex = rk_t.EXTREME
     n = len(ex)
     mu = torch.tensor([v for z, *_ in ex for v in (z, 0.0)])
@@ -303,6 +319,8 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
     win, lose = torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2)
     tie = torch.tensor([t for *_, t in ex])
     for mode in ("thurstone", "bt_expected", "bt"):
+        if not g.time_ok():
+            break
         kw = dict(mode=mode, reduction="none", tie_margin=0.5)
         want = rk_t.loss_and_grads(jrm_kernels.gaussian_rank_loss, mu, lv, win, lose, tie, backend="torch", **kw)
         got = [t.cpu() for t in rk_t.loss_and_grads(tri_rank, *_to(dev, mu, lv, win, lose, tie), **kw)]
@@ -310,8 +328,10 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
     g.done("rtol 2e-5, atol 1e-6 of the CPU path (mpmath-verified in tests)")
 
     # --- rank loss, bf16 inputs: error vs the fp32 truth no larger than the reference's own bf16 error
-    g = Group(rep, "rank_bf16_grid")
+    g = Group(rep, "rank_bf16_grid", budget, reserve)
     for kw in thin(list(param_grid(rk_t.test_matches_reference)), cpu, 11):
+        if not g.time_ok():
+            break
         k, p = kw.pop("k"), kw.pop("p")
         mu, lv, win, lose, tie = _to(dev, *rk_t.random_pairs(k, p, seed=k * 1000 + p))
         mu16, lv16 = mu.bfloat16(), lv.bfloat16()
@@ -322,9 +342,11 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
     g.done("|ours - fp32 truth| <= |torch bf16 - truth| + 1e-5 (1 + |truth|)")
 
     # --- fused CE, fp32: the reference grid (rows x (V, H) x reductions x bias), every third row ignored
-    g = Group(rep, "ce_fp32_grid")
+    g = Group(rep, "ce_fp32_grid", budget, reserve)
     small = [kw for kw in param_grid(ce_t.test_matches_reference) if not cpu or kw["n"] * kw["v"] <= 10_000]
     for kw in thin(small, cpu, 4):
+        if not g.time_ok():
+            break
         n, v, hid, red, wb = kw["n"], kw["v"], kw["hid"], kw["reduction"], kw["with_bias"]
         hidden, weight, bias, labels = _to(dev, *ce_t.make(n, hid, v, seed=n + v, ignore_every=3 if n > 1 else 0))
         bias = bias if wb else None
@@ -332,6 +354,8 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
         got = ce_t.loss_and_grads(tri_ce, hidden, weight, labels, bias, reduction=red)
         g.add(f"{kw}", tol_ratio(got, want, 1e-5, 1e-5))
     for kw in thin(list(param_grid(ce_t.test_extras_match_fp32_reference)), cpu, 3):  # smoothing, z-loss, softcap
+        if not g.time_ok():
+            break
         extra, red = kw["kw"], kw["reduction"]
         hidden, weight, bias, labels = _to(dev, *ce_t.make(67, 24, 203, seed=5, scale=3.0))
         want = ce_t.loss_and_grads(jrm_kernels.reference_linear_ce, hidden, weight, labels, bias, reduction=red,
@@ -339,6 +363,8 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
         got = ce_t.loss_and_grads(tri_ce, hidden, weight, labels, bias, reduction=red, **extra)
         g.add(f"extras {extra} {red}", tol_ratio(got, want, 1e-5, 1e-5))
     for red in thin(["mean", "sum", "none"], cpu, 2):  # every row masked: zero loss, zero gradients
+        if not g.time_ok():
+            break
         hidden, weight, bias, _ = _to(dev, *ce_t.make(9, 8, 11, seed=1))
         out, dh, dw, db = ce_t.loss_and_grads(tri_ce, hidden, weight, torch.full((9,), -100, device=dev), bias,
                                              reduction=red)
@@ -347,11 +373,13 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
     g.done("rtol 1e-5, atol 1e-5 of the fp32 reference")
 
     # --- fused CE, bf16: error vs the fp32 truth no larger than torch's bf16 logits path
-    g = Group(rep, "ce_bf16_grid")
+    g = Group(rep, "ce_bf16_grid", budget, reserve)
     cases = [dict(n=n, v=v, hid=hid, reduction=r) for n, (v, hid), r in
              itertools.product((7, 129), ((37, 8), (1001, 64)), ("mean", "sum", "none"))]
     cases.append(dict(n=33, v=67, hid=24, reduction="none", seed=6, scale=2.0))  # test_ce_kernel_bf16_upcast...
     for c in thin([c for c in cases if not cpu or c["n"] * c["v"] <= 10_000], cpu, 3):
+        if not g.time_ok():
+            break
         hidden, weight, bias, labels = _to(dev, *ce_t.make(c["n"], c["hid"], c["v"], seed=c.get("seed", 7),
                                                            dtype=torch.bfloat16, scale=c.get("scale", 1.0)))
         red = c["reduction"]
@@ -363,16 +391,13 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
         g.add(f"{c}", bf16_ratio(ours, same, truth, 1e-4, 0.0, elementwise=False))
     g.done("max |ours - fp32 truth| <= max |torch bf16 logits CE - truth| + 1e-4")
 
-    if cpu:
-        rep.skip("ce_real_width", "--cpu: the real-width cases (V 152064) run on the GPU only")
-        return
-    # --- fused CE at real widths and odd shapes (GPU only): native bf16 tensor-core tiles, fp32 ieee tiles
-    g = Group(rep, "ce_real_width")
-    for n, hid, v, dt in ((257, 1000, 32003, torch.float32), (257, 1000, 32003, torch.bfloat16),
-                          (2048, 3584, 152064, torch.bfloat16)):
-        if budget.left() < 60:
-            rep.skip(f"ce_real_width n={n} H={hid} V={v}", "time budget")
-            continue
+    # --- fused CE at real widths and odd shapes: native bf16 tensor-core tiles, fp32 ieee tiles (--cpu: toy sizes)
+    g = Group(rep, "ce_real_width", budget, reserve)
+    sizes = ((257, 1000, 32003), (257, 1000, 32003), (2048, 3584, 152064)) if not cpu else \
+        ((64, 40, 300), (64, 40, 300), (70, 24, 333))
+    for (n, hid, v), dt in zip(sizes, (torch.float32, torch.bfloat16, torch.bfloat16)):
+        if not g.time_ok():
+            break
         gen = torch.Generator(device=dev).manual_seed(n + v)
         hidden = torch.randn(n, hid, device=dev, generator=gen).to(dt)
         weight = (torch.randn(v, hid, device=dev, generator=gen) / hid ** 0.5).to(dt)
@@ -388,7 +413,8 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
             ratio, tol = bf16_ratio(ours, same, truth, 1e-4, 0.0, elementwise=False), "bf16 rule"
         g.add(f"n={n} H={hid} V={v} {str(dt)[6:]} ({tol})", ratio)
         del truth, ours
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     g.done("per dtype (see cases)")
 
 
@@ -450,8 +476,10 @@ def section_speed(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -> 
             loss.backward()
             losses[name] = float(loss.detach())
         try:
-            t = time_fn(run, dev, 0.5 if cpu else 3.0, min_reps=1 if cpu else 3)
-            mem = peak_extra_bytes(run, dev)
+            timed = []  # peak memory over the same calls that are timed (a slow method runs only twice)
+            mem = peak_extra_bytes(lambda: timed.append(time_fn(run, dev, 0.5 if cpu else 3.0,
+                                                                 min_reps=1 if cpu else 3)), dev)
+            t = timed[0]
         except torch.OutOfMemoryError as e:
             rep.skip(f"ce {name}", f"out of memory ({str(e)[:120]})")
             continue
@@ -619,8 +647,10 @@ def section_step(rep: Report, dev: torch.device, cpu: bool, budget: Budget, args
               f"loss {float(obj['loss'].detach()):.4f} (rank {float(obj['rank']):.4f}, lm {float(obj['lm']):.4f}), "
               f"{n_params / 1e9:.3f} B params")
     step_budget = 0.5 if cpu else 4.0
-    t_step = time_fn(lambda: train_step(batch), dev, step_budget, min_reps=1 if cpu else 3, max_reps=10, warm=False)
-    mem = peak_extra_bytes(lambda: train_step(batch), dev)
+    timed = []  # peak memory over the timed steps (optimizer states exist after the warm-up step)
+    mem = peak_extra_bytes(lambda: timed.append(time_fn(lambda: train_step(batch), dev, step_budget,
+                                                        min_reps=1 if cpu else 3, max_reps=10, warm=False)), dev)
+    t_step = timed[0]
     peak_alloc = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     peak, peak_note = _peak_tflops(dev, args.peak_tflops)
     rep.note(f"bf16 peak assumed: {peak_note}")
@@ -654,25 +684,23 @@ def section_step(rep: Report, dev: torch.device, cpu: bool, budget: Budget, args
         rep.result("joint_step_peak_mem_vs_plan", peak_alloc / GIB, plan_like / GIB, "GiB", False,
                    note="baseline = jrm-plan params+grads+activations+loss buffer + 4 B/param bf16 AdamW states")
 
-    # attention variants
-    if dev.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    # attention variants: torch SDPA restricted to one backend (flash-attn 2 / memory-efficient / cuDNN kernels)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                               ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
-                               ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-            if budget.left() < 45:
-                rep.skip(f"attention {label}", "time budget")
-                continue
-            try:
-                with sdpa_kernel([backend]):
-                    t = time_fn(lambda: train_step(batch), dev, 2.0, max_reps=5)
-                rep.result(f"joint_step_{label}_vs_sdpa_auto", B * T / t, tok_s, "tokens/s", True,
-                           note="torch SDPA restricted to one backend")
-            except Exception as e:  # a backend that rejects the mask / dtype is a finding, not a kit failure
-                rep.skip(f"attention {label}", f"{type(e).__name__}: {str(e)[:160]}")
-    else:
-        rep.skip("attention SDPA backends", "--cpu: CUDA-only backends")
+    backends = (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+                ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION))
+    for label, backend in backends[:1] if cpu else backends:  # CPU has a flash kernel only
+        if budget.left() < 45:
+            rep.skip(f"attention {label}", "time budget")
+            continue
+        try:
+            with sdpa_kernel([backend]):
+                t = time_fn(lambda: train_step(batch), dev, 2.0, min_reps=1 if cpu else 3, max_reps=5)
+            rep.result(f"joint_step_{label}_vs_sdpa_auto", B * T / t, tok_s, "tokens/s", True,
+                       note="torch SDPA restricted to one backend; baseline = SDPA's own choice")
+        except Exception as e:  # a backend that rejects the mask / dtype is a finding, not a kit failure
+            rep.skip(f"attention {label}", f"{type(e).__name__}: {str(e)[:160]}")
+            opt.zero_grad(set_to_none=True)
     for impl, mod, supported in (("flash_attention_2", "flash_attn", "_supports_flash_attn"),
                                  ("flex_attention", None, "_supports_flex_attn")):
         if not getattr(type(backbone), supported, False):

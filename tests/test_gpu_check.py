@@ -3,6 +3,7 @@
 Each run is a fresh process: the kit sets TRITON_INTERPRET=1 before torch/triton are imported.
 """
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -32,16 +33,18 @@ def test_cpu_mode_runs_every_section_and_writes_the_report(tmp_path):
     assert not problems, problems
     names = {r["name"] for r in results}
     for want in ("rank_fwd_bwd_thurstone_vs_mc1000", "rank_fwd_bwd_bt_expected_vs_mc1000",
-                 "ce_fused_vs_full_logits_time", "ce_fused_vs_masked_ref_time", "joint_step_tokens_per_s_vs_plan"):
+                 "ce_fused_vs_full_logits_time", "ce_fused_vs_masked_ref_time", "joint_step_tokens_per_s_vs_plan",
+                 "joint_step_sdpa_flash_vs_sdpa_auto"):
         assert want in names, (want, sorted(names))
     checks = [ln for ln in res.stdout.splitlines() if ln.startswith("CHECK ")]
     for group in ("rank_fp32_grid", "rank_fp32_extremes", "rank_bf16_grid", "ce_fp32_grid", "ce_bf16_grid",
-                  "ce_fused_loss_matches_at_bench_size", "step_losses_finite",
+                  "ce_real_width", "ce_fused_loss_matches_at_bench_size", "step_losses_finite",
                   "no_deepspeed_webdataset_mlflow_imported"):
         line = next((ln for ln in checks if f" {group}:" in ln), None)
         assert line is not None and line.startswith("CHECK ok"), (group, checks)
     text = out.read_text()
-    assert "checks 8 passed, 0 failed; 0 section error(s)" in text, text[:2000]
+    assert re.search(r"checks (\d+) passed, 0 failed; 0 section error\(s\)", text), text[:2000]
+    assert int(re.search(r"checks (\d+) passed", text).group(1)) == len(checks)
     for title in ("## 1. Kernels", "## 2. Speed", "## 3. Joint training step", "RESULT `joint_step_tokens_per_s"):
         assert title in text
     assert "Traceback" not in log
