@@ -571,7 +571,10 @@ def _groups(processor, n_groups: int, side: int, rat_range: tuple[int, int], see
 
 def section_step(rep: Report, dev: torch.device, cpu: bool, budget: Budget, args) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    try:  # the PIL backend needs no torchvision (transformers >= 5 with it); else the default processor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as ImgProc
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as ImgProc
 
     from jrm_dist import plan as jplan
     from jrm_dist.backbones import QWEN_SPECIAL_TOKENS, build_tiny_tokenizer
@@ -589,7 +592,7 @@ def section_step(rep: Report, dev: torch.device, cpu: bool, budget: Budget, args
     # tokenizer: the offline byte-level BPE with Qwen's special tokens (no download); ids fit the 152k vocab
     tok = build_tiny_tokenizer(vocab_size=300 if cpu else 1024)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    processor = RewardProcessor(tok, Qwen2VLImageProcessorPil(), max_pixels=max_pixels, min_pixels=3136,
+    processor = RewardProcessor(tok, ImgProc(), max_pixels=max_pixels, min_pixels=3136,
                                 max_length=max_len)
     cfg_json = _model_json(cpu, layers, depth, dict(
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
