@@ -12,7 +12,7 @@
 # 4. copies bench/REPORT_GPU.md and gpu_check.log to $OUT when set (the device tool's result folder).
 # Exit status: the kit's (0 all checks passed, 1 a check failed or a section raised, 124 killed by timeout).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 if [ -z "${PYTHON:-}" ]; then
   if [ -x /opt/torch/.venv/bin/python ]; then PYTHON=/opt/torch/.venv/bin/python; else PYTHON=python3; fi

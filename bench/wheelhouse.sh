@@ -86,5 +86,5 @@ if missing:
              + "; ".join(f"{k} (for {', '.join(v)})" for k, v in sorted(missing.items())))
 print(f"wheelhouse.sh: every dependency of the {len(list(out.glob('*.whl')))} wheels is in the folder or on the image")
 PYEOF
-echo "wheelhouse.sh: $(ls "$OUT"/*.whl | wc -l) wheels, $(du -sh "$OUT" | cut -f1) in $OUT for Python $PY ($PROFILE)"
+echo "wheelhouse.sh: $(find "$OUT" -maxdepth 1 -name "*.whl" | wc -l) wheels, $(du -sh "$OUT" | cut -f1) in $OUT for Python $PY ($PROFILE)"
 echo "install on the GPU machine: pip install --no-index --find-links $OUT -r $OUT/requirements-$PROFILE.txt"

@@ -43,6 +43,7 @@ def test_cpu_mode_runs_every_section_and_writes_the_report(tmp_path):
         line = next((ln for ln in checks if f" {group}:" in ln), None)
         assert line is not None and line.startswith("CHECK ok"), (group, checks)
     text = out.read_text()
+    assert "**Status**: complete" in text
     assert re.search(r"checks (\d+) passed, 0 failed; 0 section error\(s\)", text), text[:2000]
     assert int(re.search(r"checks (\d+) passed", text).group(1)) == len(checks)
     for title in ("## 1. Kernels", "## 2. Speed", "## 3. Joint training step", "RESULT `joint_step_tokens_per_s"):
@@ -76,3 +77,20 @@ def test_no_gpu_without_cpu_flag_is_a_usage_error(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "--cpu" in res.stderr, res.stderr[-2000:]
+
+
+def test_slot_scripts_pass_shellcheck_and_reject_bad_arguments():
+    import shutil
+
+    import pytest
+
+    scripts = ["bench/gpu_run.sh", "bench/wheelhouse.sh"]
+    if shutil.which("shellcheck"):
+        r = subprocess.run(["shellcheck", *scripts], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    elif os.environ.get("JRM_REQUIRE_SLURM") == "1":  # CI installs shellcheck with Slurm (.ci/slurm_setup.sh)
+        pytest.fail("shellcheck is not installed")
+    for args, msg in ((["3.12", "everything"], "expected kit, suite or full"), (["python3.12"], "expected e.g. 3.12")):
+        r = subprocess.run(["bash", "bench/wheelhouse.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, WHEELHOUSE=os.devnull + "-unused"))
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
