@@ -640,9 +640,12 @@ def section_step(rep: Report, dev: torch.device, cpu: bool, budget: Budget, args
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=dev.type == "cuda")
-    overrides = [f"data.groups_per_batch={n_groups}", f"data.max_length={max_len}", f"data.max_pixels={max_pixels}",
-                 "model.gradient_checkpointing=false", "model.attn_implementation=sdpa"]
-    jcfg = load_config(str(ROOT / "configs/qwen2_5_vl_7b.yaml"), overrides)
+    def plan_cfg(ckpt: bool):  # the 7B recipe with this run's batch, pixel budget, length and settings
+        return load_config(str(ROOT / "configs/qwen2_5_vl_7b.yaml"), [
+            f"data.groups_per_batch={n_groups}", f"data.max_length={max_len}", f"data.max_pixels={max_pixels}",
+            f"model.gradient_checkpointing={str(ckpt).lower()}", "model.attn_implementation=sdpa"])
+
+    jcfg = plan_cfg(False)
 
     def train_step(b):
         out = model(b)
@@ -694,6 +697,26 @@ def section_step(rep: Report, dev: torch.device, cpu: bool, budget: Budget, args
             + 4 * trainable
         rep.result("joint_step_peak_mem_vs_plan", peak_alloc / GIB, plan_like / GIB, "GiB", False,
                    note="baseline = jrm-plan params+grads+activations+loss buffer + 4 B/param bf16 AdamW states")
+
+    # gradient checkpointing (the 7B recipe's setting), as engine.py enables it, vs jrm-plan with it on
+    if budget.left() < 45:
+        rep.skip("gradient checkpointing", "time budget")
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            train_step(batch)
+            timed = []
+            mem_gc = peak_extra_bytes(lambda: timed.append(time_fn(lambda: train_step(batch), dev, step_budget,
+                                                                   min_reps=1 if cpu else 3, max_reps=10,
+                                                                   warm=False)), dev)
+            pred_gc = jplan.plan_for(plan_cfg(True), arch, w, cluster, "fused", 0.1, 3.0, 0.6)
+            rep.result("joint_step_grad_ckpt_tokens_per_s_vs_plan", B * T / timed[0], pred_gc["tokens_per_s"],
+                       "tokens/s", True, note=f"gradient checkpointing on; without it {tok_s:.0f} tokens/s measured")
+            if mem_gc is not None and mem is not None:
+                rep.result("joint_step_grad_ckpt_vs_off_peak_mem_extra", mem_gc / GIB, mem / GIB, "GiB", False,
+                           note="peak allocated above params + optimizer states, checkpointing on vs off")
+        finally:
+            backbone.gradient_checkpointing_disable()
 
     # attention variants: torch SDPA restricted to one backend (flash-attn 2 / memory-efficient / cuDNN kernels)
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -34,7 +34,7 @@ def test_cpu_mode_runs_every_section_and_writes_the_report(tmp_path):
     names = {r["name"] for r in results}
     for want in ("rank_fwd_bwd_thurstone_vs_mc1000", "rank_fwd_bwd_bt_expected_vs_mc1000",
                  "ce_fused_vs_full_logits_time", "ce_fused_vs_masked_ref_time", "joint_step_tokens_per_s_vs_plan",
-                 "joint_step_sdpa_flash_vs_sdpa_auto"):
+                 "joint_step_grad_ckpt_tokens_per_s_vs_plan", "joint_step_sdpa_flash_vs_sdpa_auto"):
         assert want in names, (want, sorted(names))
     checks = [ln for ln in res.stdout.splitlines() if ln.startswith("CHECK ")]
     for group in ("rank_fp32_grid", "rank_fp32_extremes", "rank_bf16_grid", "ce_fp32_grid", "ce_bf16_grid",
