@@ -341,8 +341,9 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
         truth = rk_t.loss_and_grads(ref_rank, mu16.float(), lv16.float(), win, lose, tie, **kw)
         same = rk_t.loss_and_grads(ref_rank, mu16, lv16, win, lose, tie, **kw)
         ours = rk_t.loss_and_grads(tri_rank, mu16, lv16, win, lose, tie, **kw)
-        g.add(f"k={k} p={p} {kw}", bf16_ratio(ours, same, truth, 1e-5, 1e-5, elementwise=True))
-    g.done("|ours - fp32 truth| <= |torch bf16 - truth| + 1e-5 (1 + |truth|)")
+        g.add(f"k={k} p={p} {kw}", bf16_ratio(ours, same, truth, 1e-5, 2.0 ** -8, elementwise=True))
+    g.done("|ours - fp32 truth| <= |torch bf16 - truth| + 1e-5 + 2^-8 |truth| elementwise (ours are rounded to "
+           "bf16 once, at the end)")
 
     # --- fused CE, fp32: the reference grid (rows x (V, H) x reductions x bias), every third row ignored
     g = Group(rep, "ce_fp32_grid", budget, reserve)
@@ -375,20 +376,21 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
         g.add(f"all rows ignored {red}", tol_ratio([out, dh, dw, db], zero, 0.0, 1e-30))
     g.done("rtol 1e-5, atol 1e-5 of the fp32 reference")
 
-    # --- fused CE, bf16: error vs the fp32 truth no larger than torch's bf16 logits path. Compiled, the kernel
-    # rounds dlogits to bf16 for the tensor-core dots and the fp32 gradients to bf16 at the end, as torch does:
-    # a max-vs-max comparison of two equally rounded results needs one bf16 rounding step (2^-8 |truth|) of slack
-    # (the interpreter upcasts everything, so --cpu keeps the unit tests' rule without it)
-    ce_bf16_rel = 0.0 if cpu else 2.0 ** -8
-    ce_bf16_tol = "" if cpu else " + 2^-8 |truth|"
+    # --- fused CE, bf16: error vs the fp32 truth no larger than torch's bf16 logits path. The gradients are
+    # rounded to bf16 at the end (and, compiled, dlogits before the tensor-core dots), as torch's are: a
+    # max-vs-max comparison of two equally rounded results needs one bf16 rounding step (2^-8 |truth|) of slack
+    ce_bf16_rel = 2.0 ** -8
+    ce_bf16_tol = " + 2^-8 |truth|"
     g = Group(rep, "ce_bf16_grid", budget, reserve)
-    cases = [dict(n=n, v=v, hid=hid, reduction=r) for n, (v, hid), r in
-             itertools.product((7, 129), ((37, 8), (1001, 64)), ("mean", "sum", "none"))]
-    cases.append(dict(n=33, v=67, hid=24, reduction="none", seed=6, scale=2.0))  # test_ce_kernel_bf16_upcast...
+    # the fp32 grid's shapes (with bias) in bf16, plus the unit tests' two bf16 cases (scale 2: larger logits)
+    cases = [dict(kw, seed=kw["n"] + kw["v"]) for kw in param_grid(ce_t.test_matches_reference) if kw["with_bias"]]
+    cases += [dict(n=129, v=1001, hid=64, reduction="none", seed=2, scale=2.0),  # test_bf16_error_no_larger...
+              dict(n=33, v=67, hid=24, reduction="none", seed=6, scale=2.0)]  # test_ce_kernel_bf16_upcast...
     for c in thin([c for c in cases if not cpu or c["n"] * c["v"] <= 10_000], cpu, 3):
         if not g.time_ok():
             break
-        hidden, weight, bias, labels = _to(dev, *ce_t.make(c["n"], c["hid"], c["v"], seed=c.get("seed", 7),
+        hidden, weight, bias, labels = _to(dev, *ce_t.make(c["n"], c["hid"], c["v"], seed=c["seed"],
+                                                           ignore_every=3 if c["n"] > 1 else 0,
                                                            dtype=torch.bfloat16, scale=c.get("scale", 1.0)))
         red = c["reduction"]
         truth = ce_t.loss_and_grads(masked_lm_loss, hidden.float(), weight.float(), labels, bias.float(),
