@@ -32,7 +32,6 @@ if "--cpu" in sys.argv[1:]:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -134,8 +133,9 @@ class Report:
     def write(self) -> None:
         status = ("complete" if self.finished else
                   "**INCOMPLETE** (still running, or stopped before the end: a timeout or a crash)")
-        summary = (f"**Status**: {status}.  \n**Summary**: checks {self.passed} passed, {self.failed} failed; {len(self.errors)} section "
-                   f"error(s); {len(self.skipped)} skipped; {time.time() - self.t0:.0f} s so far")
+        summary = (f"**Status**: {status}.  \n**Summary**: checks {self.passed} passed, {self.failed} failed; "
+                   f"{len(self.errors)} section error(s); {len(self.skipped)} skipped; "
+                   f"{time.time() - self.t0:.0f} s so far")
         text = "\n".join(self.header + ["", summary, ""] + [ln for b in self.blocks for ln in b + [""]])
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(text + "\n")
@@ -512,9 +512,6 @@ def section_speed(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -> 
             rep.result(f"ce_fused_vs_{base}_time", t0 * 1e3, t1 * 1e3, "ms", False, note)
             if m0 is not None and m1 is not None:
                 rep.result(f"ce_fused_vs_{base}_peak_mem", m0 / GIB, m1 / GIB, "GiB", False, note)
-    del hidden, weight
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # -------------------------------------------------------------------------------------------- 3. training step
@@ -642,6 +639,7 @@ def section_step(rep: Report, dev: torch.device, cpu: bool, budget: Budget, args
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=dev.type == "cuda")
+
     def plan_cfg(ckpt: bool):  # the 7B recipe with this run's batch, pixel budget, length and settings
         return load_config(str(ROOT / "configs/qwen2_5_vl_7b.yaml"), [
             f"data.groups_per_batch={n_groups}", f"data.max_length={max_len}", f"data.max_pixels={max_pixels}",
@@ -777,7 +775,6 @@ def section_step(rep: Report, dev: torch.device, cpu: bool, budget: Budget, args
             t_p = time_fn(lambda: train_step(packed), dev, step_budget, min_reps=1 if cpu else 3, max_reps=10)
             rep.result("joint_step_packed_vs_unpacked_pairs_per_s", n_groups / t_p, n_groups / t_step, "pairs/s",
                        True, note=f"packed rows {tuple(packed['input_ids'].shape)} vs unpacked {(B, T)}")
-    del model, backbone, opt
 
 
 # ------------------------------------------------------------------------------------------------------- main

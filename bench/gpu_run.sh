@@ -30,7 +30,8 @@ if [ -f "wheelhouse/requirements-$profile.txt" ]; then
     echo "gpu_run: WARNING: installing from wheelhouse/ failed; the kit runs without those packages"
   fi
 else
-  echo "gpu_run: no wheelhouse/requirements-$profile.txt (make wheelhouse PY=3.12 here, carry wheelhouse/): optional peers are skipped"
+  echo "gpu_run: no wheelhouse/requirements-$profile.txt (make wheelhouse PY=3.12 beforehand and carry" \
+       "wheelhouse/): the optional peers are skipped"
 fi
 
 shim="$(mktemp -d)"

@@ -23,7 +23,10 @@ PY="${1:-${PY:-3.12}}"
 PROFILE="${2:-${PROFILE:-kit}}"
 OUT="${WHEELHOUSE:-wheelhouse}"
 PIP="${PIP:-python -m pip}"
-case "$PROFILE" in kit|suite|full) ;; *) echo "wheelhouse.sh: PROFILE=$PROFILE: expected kit, suite or full" >&2; exit 2;; esac
+case "$PROFILE" in
+  kit|suite|full) ;;
+  *) echo "wheelhouse.sh: PROFILE=$PROFILE: expected kit, suite or full" >&2; exit 2;;
+esac
 if ! [[ "$PY" =~ ^3\.[0-9]+$ ]]; then echo "wheelhouse.sh: PY=$PY: expected e.g. 3.12" >&2; exit 2; fi
 
 KIT=(liger-kernel==0.8.5 mpmath==1.3.0)
@@ -86,5 +89,6 @@ if missing:
              + "; ".join(f"{k} (for {', '.join(v)})" for k, v in sorted(missing.items())))
 print(f"wheelhouse.sh: every dependency of the {len(list(out.glob('*.whl')))} wheels is in the folder or on the image")
 PYEOF
-echo "wheelhouse.sh: $(find "$OUT" -maxdepth 1 -name "*.whl" | wc -l) wheels, $(du -sh "$OUT" | cut -f1) in $OUT for Python $PY ($PROFILE)"
+n_whl=$(find "$OUT" -maxdepth 1 -name "*.whl" | wc -l)
+echo "wheelhouse.sh: $n_whl wheels, $(du -sh "$OUT" | cut -f1) in $OUT for Python $PY ($PROFILE)"
 echo "install on the GPU machine: pip install --no-index --find-links $OUT -r $OUT/requirements-$PROFILE.txt"
