@@ -51,23 +51,35 @@ def test_cpu_mode_runs_every_section_and_writes_the_report(tmp_path):
     assert "Traceback" not in log
 
 
-def test_a_failing_check_fails_the_process(tmp_path):
-    """A wrong reference (masked LM loss off by 1%) must fail a check, be reported, and exit 1."""
+def test_failing_checks_and_raising_groups_fail_the_process(tmp_path):
+    """A wrong reference (masked LM loss off by 1%) fails its checks; a reference that raises (rank loss in bf16)
+    is recorded as an error while the later groups still run; both are in the report, and the exit status is 1."""
     out = tmp_path / "REPORT_GPU.md"
     code = textwrap.dedent(f"""
-        import runpy, sys
+        import runpy, sys, torch
         import jrm_dist.losses as L
-        orig = L.masked_lm_loss
-        L.masked_lm_loss = lambda *a, **k: orig(*a, **k) * 1.01
-        sys.argv = [{str(KIT)!r}, "--cpu", "--only", "speed", "--out", {str(out)!r}]
+        orig_ce, orig_rank = L.masked_lm_loss, L.gaussian_rank_loss
+        L.masked_lm_loss = lambda *a, **k: orig_ce(*a, **k) * 1.01
+
+        def rank(mu, *a, **k):
+            if mu.dtype == torch.bfloat16:
+                raise RuntimeError("injected: no bf16 kernel")
+            return orig_rank(mu, *a, **k)
+        L.gaussian_rank_loss = rank
+        sys.argv = [{str(KIT)!r}, "--cpu", "--only", "kernels", "speed", "--out", {str(out)!r}]
         runpy.run_path({str(KIT)!r}, run_name="__main__")
     """)
     env = dict(_env(), TRITON_INTERPRET="1")  # this driver imports torch before the kit can set it
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "ERROR in rank_bf16_grid" in res.stdout and "injected: no bf16 kernel" in res.stdout
+    assert "CHECK ok   rank_fp32_grid" in res.stdout  # the groups before it ran
+    assert "CHECK FAIL ce_fp32_grid" in res.stdout  # and those after it
     assert "CHECK FAIL ce_fused_loss_matches_at_bench_size" in res.stdout
-    assert "**FAIL** `ce_fused_loss_matches_at_bench_size`" in out.read_text()
+    text = out.read_text()
+    assert "**FAIL** `ce_fused_loss_matches_at_bench_size`" in text and "**ERROR** in rank_bf16_grid" in text
+    assert "**Status**: complete" in text and "1 section error(s)" in text
 
 
 def test_no_gpu_without_cpu_flag_is_a_usage_error(tmp_path):
