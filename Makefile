@@ -28,3 +28,16 @@ bench: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# GPU acceptance kit (bench/gpu_check.py -> bench/REPORT_GPU.md; on a slot: bash bench/gpu_run.sh) and the wheels
+# a bare CUDA image lacks. Neither needs the venv: the GPU machine has its own Python and no registry.
+# `make wheelhouse PY=3.12 [PROFILE=kit|suite|full]`: here PY is the *target* Python version (bench/wheelhouse.sh).
+.PHONY: gpu-check wheelhouse
+PROFILE ?= kit
+HOST_PY = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+
+gpu-check:
+	$(HOST_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+wheelhouse:
+	PIP="$(HOST_PY) -m pip" bash bench/wheelhouse.sh $(if $(filter 3.%,$(PY)),$(PY),3.12) $(PROFILE)
