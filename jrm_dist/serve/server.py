@@ -133,6 +133,7 @@ def decode_image(data: str, limits: Limits, where: str) -> Image.Image:
 @dataclass
 class _Job:
     encoded: list
+    keys: list[str]  # content keys (eval.common.encoded_key): equal inputs are scored once per forward
     future: asyncio.Future
 
 
@@ -146,7 +147,9 @@ class BatchStats:
 
 
 class DynamicBatcher:
-    """asyncio queue + one worker: groups concurrent requests into forwards of <= max_batch candidates."""
+    """asyncio queue + one worker: groups concurrent requests into forwards of <= max_batch candidates.
+    Each distinct input (by content key) is scored once per forward and its score handed to every item
+    holding it, so identical items, within a request or across batched requests, get bit-equal rewards."""
 
     def __init__(self, scorer, max_batch: int, max_wait_ms: float):
         self.scorer = scorer
@@ -171,22 +174,29 @@ class DynamicBatcher:
         self._pool.shutdown(wait=True)
 
     async def submit(self, encoded: list) -> list:
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Job(encoded, fut))
+        from jrm_dist.eval.common import encoded_key
+
+        loop = asyncio.get_running_loop()
+        keys = await loop.run_in_executor(None, lambda: [encoded_key(e) for e in encoded])  # off the event loop
+        fut = loop.create_future()
+        await self.queue.put(_Job(encoded, keys, fut))
         return await fut
 
-    def _forward(self, encoded: list) -> list:
-        out = []
-        for i in range(0, len(encoded), self.max_batch):  # a single big request is split
-            out += self.scorer.score_encoded(encoded[i: i + self.max_batch])
-        return out
+    def _forward(self, keys: list[str], encoded: list) -> list:
+        unique = dict(zip(keys, encoded))  # one forward row per distinct input
+        todo = list(unique.values())
+        scores = []
+        for i in range(0, len(todo), self.max_batch):  # a single big request is split
+            scores += self.scorer.score_encoded(todo[i: i + self.max_batch])
+        by_key = dict(zip(unique, scores))
+        return [by_key[k] for k in keys]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             first = self._held or await self.queue.get()
             self._held = None
-            jobs, n = [first], len(first.encoded)
+            jobs, n = [first], len(set(first.keys))  # a batch slot per distinct input
             deadline = loop.time() + self.max_wait
             while n < self.max_batch:
                 left = deadline - loop.time()
@@ -196,16 +206,17 @@ class DynamicBatcher:
                     job = await asyncio.wait_for(self.queue.get(), left)
                 except asyncio.TimeoutError:
                     break
-                if n + len(job.encoded) > self.max_batch:
+                if n + len(set(job.keys)) > self.max_batch:
                     self._held = job  # first in the next batch
                     break
                 jobs.append(job)
-                n += len(job.encoded)
+                n += len(set(job.keys))
             jobs = [j for j in jobs if not j.future.cancelled()]  # the client went away
             if not jobs:
                 continue
             try:
-                scores = await loop.run_in_executor(self._pool, self._forward, [e for j in jobs for e in j.encoded])
+                scores = await loop.run_in_executor(self._pool, self._forward, [k for j in jobs for k in j.keys],
+                                                    [e for j in jobs for e in j.encoded])
             except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the server
                 log.exception("forward failed")
                 for j in jobs:
