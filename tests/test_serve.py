@@ -177,3 +177,18 @@ def test_request_larger_than_max_batch_is_split_and_correct(jrm_checkpoint, scor
         with RewardClient(url) as c:
             got = [r["mu"] for r in c.score([item(*j) for j in jobs])]
     assert got == pytest.approx([offline_mu(scorer, *j) for j in jobs], abs=1e-5)
+
+
+def test_identical_items_get_bit_equal_rewards_in_any_batch(jrm_checkpoint, scorer):
+    """The same (instruction, images) inside one request, in requests with other companions (other padding)
+    and later again: one score, bit-equal, because each distinct input is scored once by content key."""
+    src = pic((128, 128, 128))
+    target = ("make the square red", [src], pic(COLOURS[0]))
+    big = [(f"make the square {i} now, please, carefully", [pic((9, 9, 9), (112, 84))], pic(c, (112, 84)))
+           for i, c in enumerate(COLOURS[1:4])]
+    with running(create_app(jrm_checkpoint, max_batch=4, max_wait_ms=5, scorer=scorer)) as url:
+        with RewardClient(url) as c:
+            alone = c.score([item(*target)])[0]["mu"]
+            twice = [r["mu"] for r in c.score([item(*target), item(*big[0]), item(*target)])]
+            padded = c.score([item(*j) for j in big] + [item(*target)])[-1]["mu"]
+    assert twice[0] == twice[2] == alone == padded
