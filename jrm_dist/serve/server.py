@@ -4,8 +4,10 @@ POST /v1/reward with JSON ``{"items": [{"instruction", "source_images": [b64...]
 ``{"rewards": [{"mu", "sigma"}]}``. Requests are decoded and encoded (images → patches, prompt →
 tokens) in the request's own thread, then queued; one worker drains the queue into batches of up to
 ``max_batch`` candidates, waiting at most ``max_wait_ms`` for more, so concurrent RL workers share
-forward passes. Only JSON is parsed (never pickle); body size, image pixels and items per request are
-capped with 413/422 answers; binds to loopback unless told otherwise. FastAPI serves the OpenAPI spec
+forward passes; each distinct input is scored once (content key), so equal items get equal rewards.
+Only JSON is parsed (never pickle); body size, image pixels and items per request are capped with 413/422
+answers, and all bodies in flight together by ``--max-inflight-mb`` (503 + Retry-After beyond it);
+binds to loopback unless told otherwise. FastAPI serves the OpenAPI spec
 at /openapi.json and docs at /docs.
 """
 from __future__ import annotations
