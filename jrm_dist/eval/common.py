@@ -6,8 +6,8 @@ lazy image loading so a 3k-row benchmark never sits decoded in memory), ``Scorer
 (mu, sigma), and the protocol modules are pure functions over those numbers.
 
 Identical inputs get bit-identical scores: a batched forward is not batch-invariant (padding changes the
-matmul shapes, and SDPA on CPU picks its blocking by batch size), so the same input scored in two batches
-can differ by ~1e-8, enough to break a strict '>' tie. ``Scorer.score_items`` and ``jrm-serve`` therefore
+matmul shapes, and SDPA on CPU differs between batch sizes even unpadded), so the same input scored in
+two batches can differ by ~1e-8, enough to break a strict '>' tie (docs/scoring.md). ``Scorer.score_items`` and ``jrm-serve`` therefore
 score each distinct encoded input (``encoded_key``) once and hand that one score to every item holding it.
 """
 from __future__ import annotations
