@@ -137,3 +137,25 @@ def test_save_pretrained_writes_the_trained_reward_row(jrm_checkpoint, tmp_path)
     # the live model is untouched (its vocabulary row still holds its own value)
     emb = model.backbone.get_input_embeddings().weight[model.reward_token_id]
     assert not torch.equal(emb, model.reward_head.token.weight)
+
+
+def test_save_pretrained_with_tied_embeddings(tiny_backbone, tmp_path):
+    """Tied input/output embeddings (e.g. Qwen2.5-VL-3B): the saved shared matrix carries the trained row,
+    plain transformers re-ties it on load and still scores exactly as JRM."""
+    import shutil
+
+    from jrm_dist.model import JointRewardModel
+    from jrm_dist.processing import RewardProcessor
+
+    tied = tmp_path / "tied-backbone"
+    shutil.copytree(tiny_backbone, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(cfg))
+    proc = RewardProcessor.from_pretrained(str(tied))
+    model = JointRewardModel.from_backbone(str(tied), proc.reward_token_id, head_hidden=16).eval()
+    assert model.backbone.get_input_embeddings().weight is model.backbone.get_output_embeddings().weight
+    with torch.no_grad():
+        model.reward_head.token.weight.add_(0.5)
+    model.save_pretrained(tmp_path / "saved", proc)
+    check_export(tmp_path / "saved", tmp_path)
