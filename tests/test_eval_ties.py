@@ -53,7 +53,8 @@ def editscore_folder(path, rows):
     im = lambda b: {"bytes": b, "path": None}  # noqa: E731
     datasets.Dataset.from_dict({
         "key": [r[0] for r in rows], "instruction": [r[1] for r in rows], "input_image": [im(r[2]) for r in rows],
-        "output_images": [[im(b) for b in r[3]] for r in rows], "task_type": ["subject-add"] * len(rows),
+        "output_images": [[im(b) for b in r[3]] for r in rows],
+        "task_type": [r[4] if len(r) > 4 else "subject-add" for r in rows],
         "dimension": ["overall"] * len(rows)}, features=feats).save_to_disk(str(path))
     return EditScoreBench(path)
 
@@ -83,7 +84,8 @@ def test_editscore_identical_outputs_are_never_correct(tmp_path, scorers, batch)
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_editscore_swapped_duplicates_give_exactly_half(tmp_path, scorers, batch):
-    rows = []
+    solo = png(picture((9, 9, 9), SIZES[0]))  # one item (one key): later pairs straddle batch boundaries
+    rows = [(["solo", "solo"], "make it so", solo, [solo, solo], "extract")]
     for i in range(8):
         size = SIZES[i % len(SIZES)]
         src = png(picture((128, 128, 128), size))
@@ -93,7 +95,7 @@ def test_editscore_swapped_duplicates_give_exactly_half(tmp_path, scorers, batch
     bench = editscore_folder(tmp_path / "bench", rows)
     res = bench.evaluate(scorers[batch].score_items(bench.items()))
     assert res.metrics["accuracy"]["overall"]["subject-add"] == 0.5
-    for a, b in zip(res.records[::2], res.records[1::2]):
+    for a, b in zip(res.records[1::2], res.records[2::2]):
         assert a["score"] == b["score"][::-1]  # bit-equal, swapped
 
 
@@ -115,12 +117,13 @@ def test_tiger_and_mmrb2_identical_candidates_are_never_correct(tmp_path, scorer
     root = tmp_path / "tiger"
     (root / "3pair").mkdir(parents=True)
     rows = []
-    for i in range(7):
+    for i in range(8):  # row 0: the same bytes twice (one item), so later pairs straddle batch boundaries
         size = SIZES[i % len(SIZES)]
         c = picture((10, 20 * i, 90), size, speck=i)
         rows.append({"id": f"{i}_AvsB", "instruction": f"make it {i}", "source_image": {"bytes": png(
             picture((128, 128, 128), size)), "path": None}, "candidate_1": {"bytes": png(c), "path": None},
-            "candidate_2": {"bytes": png(c, 1), "path": None}, "ranking": "A>B", "comparison_type": "AvsB"})
+            "candidate_2": {"bytes": png(c, 1 if i else 6), "path": None}, "ranking": "A>B",
+            "comparison_type": "AvsB"})
     pq.write_table(pa.table({k: pa.array([r[k] for r in rows], IMAGE if "image" in k or "candidate" in k else None)
                              for k in rows[0]}), root / "3pair" / "train-00000-of-00001.parquet")
     tb = tiger.TigerBench(root)
@@ -131,13 +134,15 @@ def test_tiger_and_mmrb2_identical_candidates_are_never_correct(tmp_path, scorer
     # MMRB2 (strict '>' judge in both orders): identical responses under different encodings
     lst = pa.list_(IMAGE)
     (tmp_path / "mm" / "t2i").mkdir(parents=True)
-    resp = [picture((200, 10 * i, 10), SIZES[i % len(SIZES)], speck=i) for i in range(5)]
-    t = pa.table({
-        "pair_id": [f"p{i}" for i in range(5)], "prompt_text": [f"a square {i}" for i in range(5)],
-        "prompt_images": pa.array([[] for _ in range(5)], lst),
+    n = 8
+    resp = [picture((200, 10 * i, 10), SIZES[i % len(SIZES)], speck=i) for i in range(n)]
+    t = pa.table({  # row 0: the same bytes twice (one item), so later pairs straddle batch boundaries
+        "pair_id": [f"p{i}" for i in range(n)], "prompt_text": [f"a square {i}" for i in range(n)],
+        "prompt_images": pa.array([[] for _ in range(n)], lst),
         "response_a_images": pa.array([[{"bytes": png(r), "path": None}] for r in resp], lst),
-        "response_b_images": pa.array([[{"bytes": png(r, 1), "path": None}] for r in resp], lst),
-        "response_a_text": [""] * 5, "response_b_text": [""] * 5, "chosen": ["A"] * 5})
+        "response_b_images": pa.array([[{"bytes": png(r, 1 if i else 6), "path": None}] for i, r in enumerate(resp)],
+                                      lst),
+        "response_a_text": [""] * n, "response_b_text": [""] * n, "chosen": ["A"] * n})
     pq.write_table(t, tmp_path / "mm" / "t2i" / "test-00000-of-00001.parquet")
     mb = mmrb2.MMRB2Bench(tmp_path / "mm")
     res = mb.evaluate(scorers[batch].score_items(mb.items()))
