@@ -68,9 +68,9 @@ class Limits:
     def check(self) -> None:
         need = BODY_MEMORY_FACTOR * self.max_body_bytes
         if self.max_inflight_bytes < need:
-            raise ValueError(f"max_inflight_bytes={self.max_inflight_bytes} < {BODY_MEMORY_FACTOR} x max_body_bytes="
-                             f"{need}: one largest request could never be admitted (raise --max-inflight-mb or lower "
-                             "--max-body-mb)")
+            raise ValueError(f"max_inflight_bytes={self.max_inflight_bytes} < {BODY_MEMORY_FACTOR} x max_body_bytes "
+                             f"({self.max_body_bytes}) = {need}: a largest request could never be admitted (raise "
+                             "--max-inflight-mb or lower --max-body-mb)")
 
 
 # While a request is decoded its raw body, the JSON text and the parsed strings, the base64 text as bytes
