@@ -15,13 +15,13 @@ best first (ties share a tier); without it the loader ranks by ``scores.overall`
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterator
 
 from jrm_dist.data.schema import SCHEMA_VERSION, SchemaError, sanitize_key, validate_group
 
 from .images import check_image, read_image_file
+from .jsonl_text import parse_line, read_lines
 from .writer import Item, Result, dump_record
 
 
@@ -37,11 +37,10 @@ def iter_items(files: list[str], skip: int = 0) -> Iterator[Item]:
     """Every physical line is one input position (blank lines are positions that hold no record)."""
     index = 0
     for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if index >= skip and line.strip():
-                    yield Item(index=index, file=path, locator={"line": lineno}, key=None, payload=line)
-                index += 1
+        for lineno, line in read_lines(path):
+            if index >= skip and line.strip():
+                yield Item(index=index, file=path, locator={"line": lineno}, key=None, payload=line)
+            index += 1
 
 
 def _str_list(value: Any, field: str) -> list[str]:
@@ -61,10 +60,7 @@ def _opt_str(value: Any, field: str) -> str | None:
 
 
 def convert(item: Item, images_root: str | None = None, max_pixels: int | None = None) -> Result:
-    try:
-        obj = json.loads(item.payload)
-    except json.JSONDecodeError as exc:
-        raise SchemaError("bad_json", f"line is not valid JSON: {exc}") from None
+    obj = parse_line(item.payload)
     if not isinstance(obj, dict):
         raise SchemaError("wrong_type", "line is not a JSON object")
     if obj.get("key") is None:

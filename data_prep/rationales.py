@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from jrm_dist.data.schema import SchemaError, sanitize_key, validate_group
 
+from .jsonl_text import parse_line, read_lines
 from .shards import iter_tar_samples
 from .writer import Item, Result, dump_record
 
@@ -25,33 +26,32 @@ def load_rationales(path: str) -> tuple[dict[str, tuple[int, dict]], list[tuple[
     """Returns ({key: (line, obj)}, bad lines as (line, key, reason, detail))."""
     good: dict[str, tuple[int, dict]] = {}
     bad: list[tuple[int, str | None, str, str]] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.append((lineno, None, "bad_json", f"line is not valid JSON: {exc}"))
-                continue
-            if not isinstance(obj, dict) or obj.get("key") is None:
-                bad.append((lineno, None, "missing_field", "field 'key' is missing"))
-                continue
-            key = sanitize_key(str(obj["key"]))  # shard keys are sanitised the same way
-            r = obj.get("rationale")
-            c = obj.get("candidates")
-            if r is not None and not isinstance(r, str):
-                bad.append((lineno, key, "wrong_type", "field 'rationale' must be a string"))
-            elif c is not None and not (
-                    (isinstance(c, list) and all(v is None or isinstance(v, str) for v in c))
-                    or (isinstance(c, dict) and all(isinstance(v, str) for v in c.values()))):
-                bad.append((lineno, key, "wrong_type", "field 'candidates' must be a list or object of strings"))
-            elif r is None and c is None:
-                bad.append((lineno, key, "missing_field", "neither 'rationale' nor 'candidates' is given"))
-            elif key in good:
-                bad.append((lineno, key, "duplicate_key", f"key already given on line {good[key][0]}"))
-            else:
-                good[key] = (lineno, obj)
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = parse_line(line)
+        except SchemaError as exc:
+            bad.append((lineno, None, exc.reason, exc.detail))
+            continue
+        if not isinstance(obj, dict) or obj.get("key") is None:
+            bad.append((lineno, None, "missing_field", "field 'key' is missing"))
+            continue
+        key = sanitize_key(str(obj["key"]))  # shard keys are sanitised the same way
+        r = obj.get("rationale")
+        c = obj.get("candidates")
+        if r is not None and not isinstance(r, str):
+            bad.append((lineno, key, "wrong_type", "field 'rationale' must be a string"))
+        elif c is not None and not (
+                (isinstance(c, list) and all(v is None or isinstance(v, str) for v in c))
+                or (isinstance(c, dict) and all(isinstance(v, str) for v in c.values()))):
+            bad.append((lineno, key, "wrong_type", "field 'candidates' must be a list or object of strings"))
+        elif r is None and c is None:
+            bad.append((lineno, key, "missing_field", "neither 'rationale' nor 'candidates' is given"))
+        elif key in good:
+            bad.append((lineno, key, "duplicate_key", f"key already given on line {good[key][0]}"))
+        else:
+            good[key] = (lineno, obj)
     return good, bad
 
 

@@ -11,6 +11,8 @@ Memory: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)``
 fp32 partition once and hands out lazy tensors; we materialise one tensor at a time and write a
 shard as soon as it reaches ``--max-shard-size``, so peak memory is the fp32 partitions plus one
 shard — never the whole model twice. LoRA adapters (model.lora.r > 0) are merged into their base weights.
+The vocabulary's ``<|reward|>`` row gets the trained reward-token embedding (``model.vocab_with_reward_row``),
+so transformers alone + the head's MLP reproduce ``JointRewardModel.score``.
 """
 from __future__ import annotations
 
@@ -93,6 +95,22 @@ class _LoraMerged:
         return w + self.scale * (self.b.contiguous().float() @ self.a.contiguous().float())
 
 
+def _input_embedding_name(jcfg: dict, backbone: dict, src: Path) -> str:
+    """The vocabulary matrix's name: recorded in jrm_config.json; older checkpoints: the one text
+    ``embed_tokens.weight`` outside the vision tower."""
+    name = jcfg.get("input_embedding")
+    if name is None:
+        found = [k for k in backbone if k.endswith("embed_tokens.weight") and "visual" not in k]
+        if len(found) != 1:
+            raise ValueError(f"{src}: cannot tell the input-embedding matrix (jrm_config.json has no "
+                             f"'input_embedding'; candidates: {found})")
+        name = found[0]
+    if name not in backbone:
+        raise ValueError(f"{src}: input embedding {name!r} (jrm_config.json 'input_embedding') is not in the "
+                         "DeepSpeed state")
+    return name
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "fp32",
                       max_shard_size: str | int = "5GB") -> Path:
     """Write the HF directory (atomically: ``out_dir.tmp`` then rename). Returns ``out_dir``."""
@@ -100,7 +118,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     from safetensors.torch import save_file
 
     from jrm_dist import checkpoint as ck
-    from jrm_dist.model import HEAD_WEIGHTS, JRM_CONFIG
+    from jrm_dist.model import HEAD_WEIGHTS, JRM_CONFIG, vocab_with_reward_row
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -125,6 +143,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         raise ValueError(f"{src}: no reward_head parameters in the DeepSpeed state")
     if state.get("lora"):
         backbone = _merge_lora(backbone, float(state["lora_alpha"]) / float(state["lora_r"]))
+    jcfg_in = json.loads((hf / JRM_CONFIG).read_text())
+    vocab_name = _input_embedding_name(jcfg_in, backbone, src)
+    if "token.weight" not in head:
+        raise ValueError(f"{src}: no reward_head.token.weight (the <|reward|> embedding) in the DeepSpeed state")
+    vocab_id = id(backbone[vocab_name])  # tied weights are one lazy tensor, written under the first name
 
     tdtype = DTYPES[dtype]
     shards: list[list[str]] = []
@@ -146,6 +169,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
             continue
         written[id(lz)] = name
         t = lz.contiguous()
+        if id(lz) == vocab_id:
+            t = vocab_with_reward_row(t, head["token.weight"].contiguous(), int(jcfg_in["reward_token_id"]))
         t = t.to(tdtype) if t.is_floating_point() else t
         nbytes = t.numel() * t.element_size()
         if cur and cur_bytes + nbytes > limit:

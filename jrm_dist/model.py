@@ -126,6 +126,18 @@ def add_reward_token(backbone: nn.Module, reward_token_id: int) -> None:
                     w[reward_token_id] = w[:reward_token_id].float().mean(0).to(w.dtype)
 
 
+def vocab_with_reward_row(embedding: torch.Tensor, token: torch.Tensor, reward_token_id: int) -> torch.Tensor:
+    """A copy of the input-embedding matrix whose ``<|reward|>`` row holds the trained token embedding.
+
+    Training keeps that embedding apart (``RewardHead.token``) and substitutes it at the reward position,
+    so the vocabulary row never moves. Every writer of an exported backbone (``save_pretrained`` and
+    ``jrm-export``) puts it back here, so plain transformers + the head's MLP score exactly as JRM does.
+    With tied input/output embeddings the LM head's ``<|reward|>`` logit row changes too (never a label)."""
+    out = embedding.detach().clone()
+    out[reward_token_id] = token.detach().to(device=out.device, dtype=out.dtype)
+    return out
+
+
 class JointRewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, reward_token_id: int, head_hidden: int = 1024, lm_ce: str = "auto",
                  ce_opts: dict | None = None, init_head: bool = True):
@@ -152,18 +164,27 @@ class JointRewardModel(nn.Module):
         add_reward_token(backbone, reward_token_id)
         return cls(backbone, reward_token_id, head_hidden, **kw)
 
+    def input_embedding_name(self) -> str:
+        """The backbone state-dict name of the vocabulary (input-embedding) matrix."""
+        emb = self.backbone.get_input_embeddings().weight
+        return next(n for n, p in self.backbone.named_parameters(remove_duplicate=False) if p is emb)
+
     def jrm_config(self) -> dict[str, Any]:
         return {"format": FORMAT, "reward_token": REWARD_TOKEN, "reward_token_id": self.reward_token_id,
                 "head_hidden": self.head_hidden, "hidden_size": self.reward_head.fc.in_features,
-                "head_dtype": "float32"}
+                "head_dtype": "float32", "input_embedding": self.input_embedding_name()}
 
     def save_pretrained(self, out_dir: str | Path, processor=None) -> None:
-        """Backbone (safetensors), reward head (safetensors, fp32), jrm_config.json, processor files."""
+        """Backbone (safetensors; its ``<|reward|>`` row = the trained token, see ``vocab_with_reward_row``),
+        reward head (safetensors, fp32), jrm_config.json, processor files."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out, safe_serialization=True)
+        state = self.backbone.state_dict()
+        name = self.input_embedding_name()
+        state[name] = vocab_with_reward_row(state[name], self.reward_head.token.weight, self.reward_token_id)
+        self.backbone.save_pretrained(out, state_dict=state, safe_serialization=True)
         save_file({k: v.detach().float().contiguous().cpu() for k, v in self.reward_head.state_dict().items()},
                   str(out / HEAD_WEIGHTS))
         jcfg = self.jrm_config()

@@ -313,6 +313,51 @@ def test_verify_catches_a_flipped_byte(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_jsonl_non_utf8_text_is_rejected_not_replaced(tmp_path):
+    """A byte that is not UTF-8 inside a text field rejects the record (bad_encoding, naming the line and
+    the field); it is never turned into U+FFFD and trained on. Good records around it still land."""
+    src = write_jsonl_fixture(tmp_path, n_good=3, bad=False)
+    good = src.read_bytes().splitlines()
+    c = lambda img, **kw: {"images": [img], "scores": {"overall": 1}, **kw}  # noqa: E731
+    bad_instr = json.dumps({"key": "e1", "instruction": "make it MARK", "candidates": [
+        c("img/a0.png"), c("img/b0.png")]}).encode().replace(b"MARK", b"caf\xe9")
+    bad_rat = json.dumps({"key": "e2", "instruction": "ok", "candidates": [
+        c("img/a0.png"), c("img/b0.png", rationale="MARK")]}).encode().replace(b"MARK", b"\xff\xfe text")
+    outside = b'{"key": "e3", \x80 "instruction": "x"}'
+    fine_utf8 = json.dumps({"key": "u1", "instruction": "f\u00e4rbe es gr\u00fcn", "candidates": [
+        c("img/a0.png"), c("img/b0.png")]}, ensure_ascii=False).encode("utf-8")
+    src.write_bytes(b"\n".join([good[0], bad_instr, good[1], bad_rat, outside, fine_utf8, good[2]]) + b"\n")
+    out = str(tmp_path / "out")
+    assert main(["jsonl", "--input", str(src), "--out", out, "--quiet"]) == 0
+    rej = {r["line"]: r for r in rejects(out)}
+    assert sorted(rej) == [2, 4, 5] and {r["reason"] for r in rej.values()} == {"bad_encoding"}
+    assert "field 'instruction'" in rej[2]["detail"] and "0xe9" in rej[2]["detail"]
+    assert "field 'candidates[1].rationale'" in rej[4]["detail"] and "0xff" in rej[4]["detail"]
+    assert all(r["file"] == str(src) for r in rej.values())
+    got = records(out)
+    assert set(got) == {"g0", "g1", "g2", "u1"}
+    assert got["u1"]["rec"]["instruction"] == "f\u00e4rbe es gr\u00fcn"
+    assert not any("\ufffd" in json.dumps(g["rec"], ensure_ascii=False) for g in got.values())
+    assert json.load(open(os.path.join(out, "manifest.json")))["rejects_by_reason"] == {"bad_encoding": 3}
+
+
+def test_rationales_non_utf8_line_is_rejected(tmp_path):
+    shards, out = str(tmp_path / "s"), str(tmp_path / "o")
+    assert main(["synthetic", "--out", shards, "--groups", "3", "--quiet"]) == 0
+    keys = sorted(records(shards))
+    rfile = tmp_path / "r.jsonl"
+    rfile.write_bytes(json.dumps({"key": keys[0], "rationale": "fine"}).encode() + b"\n"
+                      + json.dumps({"key": keys[1], "candidates": ["MARK", "x"]}).encode().replace(b"MARK", b"bad \xc3(")
+                      + b"\n")
+    assert main(["rationales", "--shards", shards, "--rationales", str(rfile), "--out", out, "--quiet"]) == 0
+    rej = rejects(out)
+    assert [(r["line"], r["reason"]) for r in rej] == [(2, "bad_encoding")]
+    assert "field 'candidates[0]'" in rej[0]["detail"]
+    after = records(out)
+    assert after[keys[0]]["rec"]["rationale"] == "fine"
+    assert not any("\ufffd" in json.dumps(g["rec"], ensure_ascii=False) for g in after.values())
+
+
 # ---- rationales ---------------------------------------------------------------------------------
 
 def test_rationales_join_by_key(tmp_path):

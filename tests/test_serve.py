@@ -253,3 +253,16 @@ def test_compare_uses_the_checkpoint_rank_mode(jrm_checkpoint, scorer, tmp_path)
     assert res["comparisons"][0]["p_a_beats_b"] == pytest.approx(sg(z - 0.5) / (sg(z - 0.5) + sg(-z - 0.5)), abs=1e-9)
     with TestClient(create_app(str(ckpt), scorer=scorer, rank_mode="thurstone")) as c:
         assert c.post("/v1/compare", json=body).json()["rank_mode"] == "thurstone"
+def test_identical_items_get_bit_equal_rewards_in_any_batch(jrm_checkpoint, scorer):
+    """The same (instruction, images) inside one request, in requests with other companions (other padding)
+    and later again: one score, bit-equal, because each distinct input is scored once by content key."""
+    src = pic((128, 128, 128))
+    target = ("make the square red", [src], pic(COLOURS[0]))
+    big = [(f"make the square {i} now, please, carefully", [pic((9, 9, 9), (112, 84))], pic(c, (112, 84)))
+           for i, c in enumerate(COLOURS[1:4])]
+    with running(create_app(jrm_checkpoint, max_batch=4, max_wait_ms=5, scorer=scorer)) as url:
+        with RewardClient(url) as c:
+            alone = c.score([item(*target)])[0]["mu"]
+            twice = [r["mu"] for r in c.score([item(*target), item(*big[0]), item(*target)])]
+            padded = c.score([item(*j) for j in big] + [item(*target)])[-1]["mu"]
+    assert twice[0] == twice[2] == alone == padded

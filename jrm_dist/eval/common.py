@@ -4,6 +4,11 @@ reward head only (LM path off), writing the results JSON, MLflow logging.
 Scoring is kept apart from the protocol arithmetic: readers turn rows into ``ScoreItem``s (keyed, with
 lazy image loading so a 3k-row benchmark never sits decoded in memory), ``Scorer`` maps keys to
 (mu, sigma), and the protocol modules are pure functions over those numbers.
+
+Identical inputs get bit-identical scores: a batched forward is not batch-invariant (padding changes the
+matmul shapes, and SDPA on CPU differs between batch sizes even unpadded), so the same input scored in
+two batches can differ by ~1e-8, enough to break a strict '>' tie (docs/scoring.md). ``Scorer.score_items`` and ``jrm-serve`` therefore
+score each distinct encoded input (``encoded_key``) once and hand that one score to every item holding it.
 """
 from __future__ import annotations
 
@@ -108,7 +113,8 @@ class Scorer:
 
     @torch.inference_mode()
     def score_encoded(self, encoded: list) -> list[Score]:
-        """Score already-encoded candidates in one forward (the caller sizes the batch)."""
+        """Score already-encoded candidates in one forward (the caller sizes the batch). The single forward
+        entry point; callers de-duplicate by ``encoded_key`` first, so equal inputs get one score."""
         from jrm_dist.data.collate import EncodedGroup
 
         batch = self.collator([EncodedGroup(str(i), [e], [], [], []) for i, e in enumerate(encoded)])
@@ -116,20 +122,26 @@ class Scorer:
         return [Score(float(m), float(s)) for m, s in zip(mu.float().cpu(), sigma.float().cpu())]
 
     def score_items(self, items: Iterable[ScoreItem], desc: str = "scoring") -> dict[str, Score]:
-        """key → Score. Duplicate keys are scored once (the first item with that key is used)."""
+        """key → Score. Duplicate keys are scored once (the first item with that key is used), and so is
+        each distinct encoded input: items with equal content but different keys share one score."""
         from tqdm import tqdm
 
         unique: dict[str, ScoreItem] = {}
         for it in items:
             unique.setdefault(it.key, it)
         out: dict[str, Score] = {}
+        by_content: dict[str, Score] = {}
         todo = list(unique.values())
         with tqdm(total=len(todo), desc=desc, unit="img") as bar:
             for i in range(0, len(todo), self.batch_size):
                 chunk = todo[i: i + self.batch_size]
                 encoded = [self.encode(*it.load()) for it in chunk]
-                for it, s in zip(chunk, self.score_encoded(encoded)):
-                    out[it.key] = s
+                ckeys = [encoded_key(e) for e in encoded]
+                new = {k: e for k, e in zip(ckeys, encoded) if k not in by_content}
+                if new:
+                    by_content.update(zip(new, self.score_encoded(list(new.values()))))
+                for it, k in zip(chunk, ckeys):
+                    out[it.key] = by_content[k]
                 bar.update(len(chunk))
         return out
 
@@ -303,6 +315,19 @@ def content_key(*parts: bytes | str | None) -> str:
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
     return h.hexdigest()[:20]
+
+
+def encoded_key(e) -> str:
+    """Content key of one encoded input (``processing.Encoded``): its tokens (instruction, prompt, text),
+    image grid and pixel values: everything the reward depends on, so equal keys mean equal scores."""
+    def raw(t: torch.Tensor) -> bytes:
+        return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+    parts: list[bytes] = [raw(e.input_ids), str(int(e.reward_pos)).encode()]
+    if e.pixel_values is not None:
+        parts += [raw(e.image_grid_thw), str((tuple(e.pixel_values.shape), e.pixel_values.dtype)).encode(),
+                  raw(e.pixel_values)]
+    return content_key(*parts)
 
 
 def pct(x: float | None) -> str:

@@ -8,8 +8,10 @@ under the rank mode the checkpoint was trained with (see docs/calibration.md).
 Requests are decoded and encoded (images → patches, prompt →
 tokens) in the request's own thread, then queued; one worker drains the queue into batches of up to
 ``max_batch`` candidates, waiting at most ``max_wait_ms`` for more, so concurrent RL workers share
-forward passes. Only JSON is parsed (never pickle); body size, image pixels and items per request are
-capped with 413/422 answers; binds to loopback unless told otherwise. FastAPI serves the OpenAPI spec
+forward passes; each distinct input is scored once (content key), so equal items get equal rewards.
+Only JSON is parsed (never pickle); body size, image pixels and items per request are capped with 413/422
+answers, and all bodies in flight together by ``--max-inflight-mb`` (503 + Retry-After beyond it);
+binds to loopback unless told otherwise. FastAPI serves the OpenAPI spec
 at /openapi.json and docs at /docs.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import collections
 import io
 import logging
 import time
@@ -93,50 +96,103 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
     max_items: int = 64
     max_images_per_item: int = 8
+    # memory all request bodies in flight may take together (each charged BODY_MEMORY_FACTOR x its size)
+    max_inflight_bytes: int = 1024 * 1024 * 1024
+
+    def check(self) -> None:
+        need = BODY_MEMORY_FACTOR * self.max_body_bytes
+        if self.max_inflight_bytes < need:
+            raise ValueError(f"max_inflight_bytes={self.max_inflight_bytes} < {BODY_MEMORY_FACTOR} x max_body_bytes "
+                             f"({self.max_body_bytes}) = {need}: a largest request could never be admitted (raise "
+                             "--max-inflight-mb or lower --max-body-mb)")
 
 
-# ----------------------------------------------------------------------------- request body cap
+# While a request is decoded its raw body, the JSON text and the parsed strings, the base64 text as bytes
+# and the decoded image bytes are alive at once: one 60 MB request grew the server's RSS by 286 MB (4.8x).
+# Each body is charged 5x its size against the in-flight budget, so RSS growth stays under the budget.
+BODY_MEMORY_FACTOR = 5
+
+
+# ----------------------------------------------------------------------------- request body caps
 class BodyLimit:
     """ASGI middleware: buffer the body up to ``max_bytes`` and answer 413 beyond it (Content-Length or
-    streamed), before any parsing happens."""
+    streamed), before any parsing happens. All requests together may hold at most ``max_inflight_bytes``
+    (each charged ``BODY_MEMORY_FACTOR`` x its body, from its first byte until its response is sent);
+    beyond that the answer is 503 with Retry-After, so concurrent large bodies cannot exhaust memory."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, max_inflight_bytes: int | None = None, retry_after_s: int = 1):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_inflight = max_inflight_bytes if max_inflight_bytes is not None else 1 << 62
+        self.retry_after_s = retry_after_s
+        self.inflight = 0  # charged bytes of the requests being read or processed (one event loop: no lock)
+        self.peak_inflight = 0
+        self.busy_rejections = 0
+
+    def _take(self, n: int) -> bool:
+        if n > 0 and self.inflight + n > self.max_inflight:
+            return False
+        self.inflight += n
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+        return True
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        declared = int(declared) if declared is not None and declared.isdigit() else None
+        if declared is not None and declared > self.max_bytes:
             return await self._reject(send)
-        chunks, size, more = [], 0, True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body = msg.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                return await self._reject(send)
-            chunks.append(body)
-            more = msg.get("more_body", False)
-        sent = False
+        held = 0
+        try:
+            want = BODY_MEMORY_FACTOR * (declared or 0)
+            if not self._take(want):
+                return await self._busy(send)
+            held = want
+            chunks, size, more = [], 0, True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                body = msg.get("body", b"")
+                size += len(body)
+                if size > self.max_bytes:
+                    return await self._reject(send)
+                if BODY_MEMORY_FACTOR * size > held:  # streamed (no Content-Length) or longer than declared
+                    if not self._take(BODY_MEMORY_FACTOR * size - held):
+                        return await self._busy(send)
+                    held = BODY_MEMORY_FACTOR * size
+                chunks.append(body)
+                more = msg.get("more_body", False)
+            whole = [b"".join(chunks)]
+            chunks.clear()  # the pieces go now, not when the request ends
+            sent = False
 
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": whole.pop(), "more_body": False}
+                return await receive()
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
+        finally:
+            self.inflight -= held
 
     async def _reject(self, send):
         body = b'{"detail":"request body larger than max_body_bytes=%d"}' % self.max_bytes
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _busy(self, send):
+        self.busy_rejections += 1
+        body = b'{"detail":"server busy: request bodies in flight would exceed max_inflight_bytes=%d; retry"}' % \
+            self.max_inflight
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"retry-after", str(self.retry_after_s).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -167,6 +223,7 @@ def decode_image(data: str, limits: Limits, where: str) -> Image.Image:
 @dataclass
 class _Job:
     encoded: list
+    keys: list[str]  # content keys (eval.common.encoded_key): equal inputs are scored once per forward
     future: asyncio.Future
 
 
@@ -180,10 +237,15 @@ class BatchStats:
 
 
 class DynamicBatcher:
-    """asyncio queue + one worker: groups concurrent requests into forwards of <= max_batch candidates."""
+    """asyncio queue + one worker: groups concurrent requests into forwards of <= max_batch candidates.
+    Each distinct input (by content key) is scored once and its score handed to every item holding it
+    (within a request, across batched requests, and later repeats while it is among the ``cache_size``
+    most recent), so identical items get bit-equal rewards whatever the batch composition."""
 
-    def __init__(self, scorer, max_batch: int, max_wait_ms: float):
+    def __init__(self, scorer, max_batch: int, max_wait_ms: float, cache_size: int = 4096):
         self.scorer = scorer
+        self.cache_size = cache_size  # recent scores by content key: a repeat gets the same bits later too
+        self._recent: collections.OrderedDict = collections.OrderedDict()  # touched by the forward thread only
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -205,14 +267,28 @@ class DynamicBatcher:
         self._pool.shutdown(wait=True)
 
     async def submit(self, encoded: list) -> list:
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Job(encoded, fut))
+        from jrm_dist.eval.common import encoded_key
+
+        loop = asyncio.get_running_loop()
+        keys = await loop.run_in_executor(None, lambda: [encoded_key(e) for e in encoded])  # off the event loop
+        fut = loop.create_future()
+        await self.queue.put(_Job(encoded, keys, fut))
         return await fut
 
-    def _forward(self, encoded: list) -> list:
+    def _forward(self, keys: list[str], encoded: list) -> list:
+        """Score the distinct inputs not in the recent-score cache, one forward row each."""
+        todo = {k: e for k, e in zip(keys, encoded) if k not in self._recent}
+        items = list(todo.items())
+        for i in range(0, len(items), self.max_batch):  # a single big request is split
+            chunk = items[i: i + self.max_batch]
+            for (k, _), s in zip(chunk, self.scorer.score_encoded([e for _, e in chunk])):
+                self._recent[k] = s
         out = []
-        for i in range(0, len(encoded), self.max_batch):  # a single big request is split
-            out += self.scorer.score_encoded(encoded[i: i + self.max_batch])
+        for k in keys:
+            self._recent.move_to_end(k)
+            out.append(self._recent[k])
+        while len(self._recent) > max(self.cache_size, len(set(keys))):
+            self._recent.popitem(last=False)
         return out
 
     async def _run(self) -> None:
@@ -220,7 +296,7 @@ class DynamicBatcher:
         while True:
             first = self._held or await self.queue.get()
             self._held = None
-            jobs, n = [first], len(first.encoded)
+            jobs, n = [first], len(set(first.keys))  # a batch slot per distinct input
             deadline = loop.time() + self.max_wait
             while n < self.max_batch:
                 left = deadline - loop.time()
@@ -230,16 +306,17 @@ class DynamicBatcher:
                     job = await asyncio.wait_for(self.queue.get(), left)
                 except asyncio.TimeoutError:
                     break
-                if n + len(job.encoded) > self.max_batch:
+                if n + len(set(job.keys)) > self.max_batch:
                     self._held = job  # first in the next batch
                     break
                 jobs.append(job)
-                n += len(job.encoded)
+                n += len(set(job.keys))
             jobs = [j for j in jobs if not j.future.cancelled()]  # the client went away
             if not jobs:
                 continue
             try:
-                scores = await loop.run_in_executor(self._pool, self._forward, [e for j in jobs for e in j.encoded])
+                scores = await loop.run_in_executor(self._pool, self._forward, [k for j in jobs for k in j.keys],
+                                                    [e for j in jobs for e in j.encoded])
             except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the server
                 log.exception("forward failed")
                 for j in jobs:
@@ -268,6 +345,7 @@ def create_app(model_dir: str, max_batch: int = 16, max_wait_ms: float = 10.0, l
     from jrm_dist.eval.common import Scorer, rank_model
 
     limits = limits or Limits()
+    limits.check()
     rank = rank_model(model_dir, rank_mode)
     scorer = scorer or Scorer(model_dir, batch_size=max_batch, device=device, dtype=dtype, max_pixels=max_pixels)
     batcher = DynamicBatcher(scorer, max_batch, max_wait_ms)
@@ -310,7 +388,8 @@ def create_app(model_dir: str, max_batch: int = 16, max_wait_ms: float = 10.0, l
 
     @app.post("/v1/reward", response_model=RewardResponse, summary="Score a batch of edits",
               responses={413: {"description": "body, image or batch too large"},
-                         422: {"description": "malformed JSON, wrong types, empty batch, bad image"}})
+                         422: {"description": "malformed JSON, wrong types, empty batch, bad image"},
+                         503: {"description": "busy: bodies in flight over max_inflight_bytes; retry after Retry-After"}})
     async def reward(req: RewardRequest) -> RewardResponse:
         t0 = time.perf_counter()
         encoded = await run_in_threadpool(encode, req)
@@ -364,7 +443,7 @@ def create_app(model_dir: str, max_batch: int = 16, max_wait_ms: float = 10.0, l
                 "max_requests_in_batch": s.max_requests_in_batch, "queue": batcher.queue.qsize(),
                 "uptime_s": time.time() - s.started, "rank_mode": rank["rank_mode"]}
 
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, max_inflight_bytes=limits.max_inflight_bytes)
     return app
 
 
@@ -377,7 +456,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max-batch", type=int, default=16, help="candidates per forward pass")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
-    ap.add_argument("--max-body-mb", type=float, default=64.0)
+    ap.add_argument("--max-body-mb", type=float, default=64.0, help="cap on one request body (413 beyond)")
+    ap.add_argument("--max-inflight-mb", type=float, default=1024.0,
+                    help=f"memory all request bodies in flight may take together, each charged {BODY_MEMORY_FACTOR}x "
+                         "its size (503 + Retry-After beyond); must be >= that times --max-body-mb")
     ap.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     ap.add_argument("--max-items", type=int, default=64, help="items per request")
     ap.add_argument("--device", default="auto")
@@ -389,7 +471,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-level", default="info")
     a = ap.parse_args(argv)
     limits = Limits(max_body_bytes=int(a.max_body_mb * 1024 * 1024), max_image_pixels=a.max_image_pixels,
-                    max_items=a.max_items)
+                    max_items=a.max_items, max_inflight_bytes=int(a.max_inflight_mb * 1024 * 1024))
+    try:
+        limits.check()
+    except ValueError as e:
+        ap.error(str(e))
     app = create_app(a.model, a.max_batch, a.max_wait_ms, limits, a.device, a.dtype, a.max_pixels,
                      rank_mode=a.rank_mode)
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
