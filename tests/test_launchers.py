@@ -472,3 +472,21 @@ def test_requeue_by_hand_is_reported_as_a_requeue(slurm, tmp_path, cleanup_jobs)
     assert "maybe_requeue=0" in text and f"job {jid} requeued" in text, text
     assert "requeue failed" not in text, text
     assert int(job_info(jid)["Restarts"]) == 1
+
+
+def test_every_launcher_env_knob_is_documented():
+    """Each environment variable a launcher reads appears in launchers/README.md's knob table, with
+    JRM_DEVICE's CPU use spelled out (the sbatch GPU scripts default to cuda)."""
+    internal = {"BASH_SOURCE", "PATH", "RUN", "VAR", "JRM_STEP_PID", "JRM_STEP_RC", "JRM_TRAPPED",
+                "JRM_REQUEUE_EXIT_CODE", "PYTHONPATH"}
+    read = set()
+    for sh in LAUNCHERS.glob("*.sh"):
+        text = sh.read_text()
+        read |= set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", text)) | set(re.findall(r"jrm_default ([A-Z_]+)", text))
+    knobs = {v for v in read - internal if not v.startswith(("DEFAULT_", "SLURM_"))}
+    readme = (LAUNCHERS / "README.md").read_text()
+    table = readme[readme.index("### Knobs"):]
+    assert {"JRM_DEVICE", "JRM_CONFIG", "JRM_NPROC_PER_NODE", "DS_ACCELERATOR", "DEMO_DIR"} <= knobs
+    missing = sorted(v for v in knobs if f"`{v}`" not in table)
+    assert not missing, f"launcher env knobs missing from launchers/README.md: {missing}"
+    assert "JRM_DEVICE=cpu" in table
