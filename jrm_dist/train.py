@@ -144,8 +144,7 @@ class Trainer:
         from jrm_dist.tracking import make_tracker
 
         cfg = self.cfg
-        if not cfg.data.train_shards:
-            raise SystemExit("data.train_shards is empty: point it at a jrm-prep output folder or manifest.json")
+        self.shards = self._train_shards()
         self.processor = RewardProcessor.from_pretrained(
             cfg.model.name, prompt=cfg.data.prompt or DEFAULT_PROMPT, max_pixels=cfg.data.max_pixels,
             min_pixels=cfg.data.min_pixels, max_length=cfg.data.max_length)
@@ -165,7 +164,8 @@ class Trainer:
         self.pstats = partition_stats(self.model)
         log.info("model: %.3fM parameters, %.3fM on this rank (ZeRO stage %d, %d ranks)",
                  self.pstats["params_total"] / 1e6, self.pstats["params_local"] / 1e6, cfg.zero.stage, self.world)
-        self.loader = StreamingLoader.from_config(cfg.data, self.processor, rank=self.rank, world_size=self.world)
+        self.loader = StreamingLoader.from_config(cfg.data, self.processor, rank=self.rank, world_size=self.world,
+                                                  shards=self.shards)
         self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
             raise SystemExit(f"{cfg.data.train_shards}: {len(self.loader)} micro-batches per rank per epoch < "
@@ -197,6 +197,45 @@ class Trainer:
         if self.rank == 0:
             self._prepare_run_dir()
         self.it = None
+
+    def _train_shards(self) -> list:
+        """data.train_shards resolved (and with data.verify, every shard's sha256 checked, the shards split
+        over the ranks) before the model is built, so a wrong path fails in seconds naming the key."""
+        from jrm_dist.data.loader import resolve_config_shards, verify_shards
+
+        err: list = [None]
+        shards = []
+        try:
+            shards = resolve_config_shards("data.train_shards", self.cfg.data.train_shards)
+        except (OSError, ValueError) as e:
+            err = [str(e)]
+        errs = [None] * self.world
+        self.dist.all_gather_object(errs, err[0])
+        if any(errs):
+            raise TrainingAborted(next(e for e in errs if e))
+        if self.cfg.data.verify:
+            t0 = time.perf_counter()
+            problems = [None] * self.world
+            self.dist.all_gather_object(problems, verify_shards("data.train_shards", shards[self.rank::self.world]))
+            problems = [p for part in problems for p in part]
+            if problems:
+                raise TrainingAborted(f"data.verify: {len(problems)} shard(s) differ from the manifest: "
+                                      + "; ".join(problems[:5]))
+            log.info("data.verify: %d shard(s) match their manifest sha256 (%.1fs)", len(shards),
+                     time.perf_counter() - t0)
+        return shards
+
+    def _check_corrupt_fraction(self, m: dict) -> None:
+        """Abort when the unusable records exceed data.max_corrupt_fraction of the epochs begun (the count is
+        all-reduced in train_step, so every rank takes the same decision)."""
+        n = sum(s.count for s in self.shards) * (self.loader.epoch + 1)
+        bad = m.get("corrupt_samples", 0.0)
+        if n and bad > self.cfg.data.max_corrupt_fraction * n:
+            raise TrainingAborted(
+                f"step {self.step}: {int(bad)} unusable record(s) in {self.loader.epoch + 1} epoch(s) of "
+                f"{n // (self.loader.epoch + 1)} ({bad / n:.2%}) > data.max_corrupt_fraction="
+                f"{self.cfg.data.max_corrupt_fraction}; the 'skipped corrupt record' warnings name shard, offset "
+                f"and key (jrm-prep verify re-checks the shards)")
 
     def _prepare_run_dir(self) -> None:
         cfg = self.cfg
@@ -463,6 +502,7 @@ class Trainer:
                     break
                 stop = m["_stop"] > 0
                 self.log_step(m)
+                self._check_corrupt_fraction(m)
                 skips_in_a_row = skips_in_a_row + 1 if self.counters["skipped_steps"] > skipped_before else 0
                 if skips_in_a_row >= cfg.train.max_consecutive_skips:  # agreed: skips are decided globally
                     raise TrainingAborted(

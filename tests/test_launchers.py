@@ -160,6 +160,20 @@ def test_preflight_lists_every_problem(preflight, tiny_backbone, synthetic_shard
     assert "4 problem(s); nothing was launched" in err
 
 
+def test_preflight_verify_checks_every_shard_sha256(preflight, tiny_backbone, synthetic_shards, tmp_path):
+    """data.verify=true: a shard changed after jrm-prep (still a valid tar) fails preflight, naming it."""
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards["train"], shards)
+    ov = _overrides(tiny_backbone, synthetic_shards, tmp_path / "o", **{"data.train_shards": shards})
+    assert preflight(*ov, "data.verify=true").returncode == 0
+    victim = sorted(shards.glob("*.tar"))[1]
+    with open(victim, "ab") as f:  # appended zero blocks: the tar still opens, the bytes changed
+        f.write(b"\0" * 1024)
+    assert preflight(*ov).returncode == 0  # without data.verify the damage goes unnoticed here
+    r = preflight(*ov, "data.verify=true")
+    assert r.returncode == 2 and f"shard {victim}: sha256" in r.stderr and "manifest says" in r.stderr, r.stderr
+
+
 def test_preflight_config_model_and_disk(preflight, tiny_backbone, synthetic_shards, tmp_path):
     r = preflight(*_overrides(tiny_backbone, synthetic_shards, tmp_path / "o"), "train.no_such_key=1")
     assert r.returncode == 2 and "unknown config key 'train.no_such_key'" in r.stderr

@@ -265,28 +265,43 @@ def _huge_png() -> bytes:
     return buf.getvalue()
 
 
+def damage_shards(out: str) -> dict:
+    """Damage shards 0-3 of a jrm-prep folder, one way each (the record index i is within its shard):
+    shard 0: a stray member between two members of record 2 (the old loader then dropped the shard's last
+    two records); shard 1: record 2 without its json; shard 2: cut in the middle of record 3's second
+    member; shard 3: record 2's candidate image replaced by a 144 Mpx PNG. Returns the keys per shard,
+    the lost keys and the number of counted entries to expect."""
+    names = sorted(n for n in os.listdir(out) if n.endswith(".tar"))[:4]
+    keys = []
+    for n in names:
+        with tarfile.open(os.path.join(out, n)) as tf:
+            keys.append(list(dict.fromkeys(m.name.split(".", 1)[0] for m in tf.getmembers())))
+
+    def stray(ms):
+        i = next(j for j, (n, _) in enumerate(ms) if n.startswith(keys[0][2] + ".")) + 1
+        return ms[:i] + [("stray.bin", b"\0" * 100)] + ms[i:]
+    _rewrite_members(os.path.join(out, names[0]), stray)
+    _rewrite_members(os.path.join(out, names[1]), lambda ms: [m for m in ms if m[0] != keys[1][2] + ".json"])
+    path = os.path.join(out, names[2])
+    cut = [m for m in tarfile.open(path).getmembers() if m.name.startswith(keys[2][3] + ".")][1].offset_data + 10
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    huge = _huge_png()
+    _rewrite_members(os.path.join(out, names[3]),
+                     lambda ms: [(n, huge if n == keys[3][2] + ".c1_0.png" else d) for n, d in ms])
+    lost = {keys[1][2], keys[3][2], *keys[2][3:]}
+    # counted: stray, record without json, the cut record, the positions after it but one, the huge image
+    return {"keys": keys, "lost": lost, "counted": 1 + 1 + 1 + (len(keys[2]) - 4) + 1}
+
+
 @pytest.fixture(scope="module")
 def damaged(tmp_path_factory):
     """24 groups in 4 shards of 6 (syn-0-00000000 ...), each shard damaged differently."""
     out = str(tmp_path_factory.mktemp("damaged") / "s")
     assert prep(["synthetic", "--out", out, "--groups", "24", "--max-count", "6", "--quiet"]) == 0
+    info = damage_shards(out)
     k = lambda i: f"syn-0-{i:08d}"  # noqa: E731
-    # shard 0: a stray member inserted between two members of record 2 (the old loader then dropped 4 and 5)
-    def stray(ms):
-        i = next(j for j, (n, _) in enumerate(ms) if n.startswith(k(2) + ".")) + 1
-        return ms[:i] + [("stray.bin", b"\0" * 100)] + ms[i:]
-    _rewrite_members(os.path.join(out, "shard-000000.tar"), stray)
-    # shard 1: record 8 without its json
-    _rewrite_members(os.path.join(out, "shard-000001.tar"), lambda ms: [m for m in ms if m[0] != k(8) + ".json"])
-    # shard 2: truncated in the middle of record 15's second member
-    path = os.path.join(out, "shard-000002.tar")
-    cut = [m for m in tarfile.open(path).getmembers() if m.name.startswith(k(15) + ".")][1].offset_data + 10
-    with open(path, "r+b") as f:
-        f.truncate(cut)
-    # shard 3: record 20's candidate image is 144 Mpx (over jrm-prep's cap)
-    huge = _huge_png()
-    _rewrite_members(os.path.join(out, "shard-000003.tar"),
-                     lambda ms: [(n, huge if n == k(20) + ".c1_0.png" else d) for n, d in ms])
+    assert info["lost"] == {k(8), k(15), k(16), k(17), k(20)} and info["counted"] == 6
     return out
 
 

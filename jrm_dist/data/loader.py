@@ -65,6 +65,7 @@ MAX_CORRUPT_LOG = 10_000
 class Shard:
     url: str    # local path, pipe:..., or http(s):// URL (anything webdataset's gopen opens)
     count: int  # samples in the shard (from the manifest, or counted once)
+    sha256: str | None = None  # from the manifest (data.verify checks it)
 
 
 def _read_manifest(path: str, shard_root: str | None) -> list[Shard]:
@@ -78,7 +79,7 @@ def _read_manifest(path: str, shard_root: str | None) -> list[Shard]:
         if "name" not in s or "count" not in s:
             raise ValueError(f"{path}: shards[{i}] lacks 'name' or 'count'")
         url = s["name"] if "://" in s["name"] or s["name"].startswith("pipe:") else _join(root, s["name"])
-        out.append(Shard(url, int(s["count"])))
+        out.append(Shard(url, int(s["count"]), s.get("sha256")))
     return out
 
 
@@ -133,6 +134,46 @@ def resolve_shards(spec: str | Sequence[str], shard_root: str | None = None) -> 
             c = count_samples(u)
         shards.append(Shard(u, c))
     return shards
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def resolve_config_shards(key: str, spec: str) -> list[Shard]:
+    """:func:`resolve_shards` for a config key (``data.train_shards``): fails fast, naming the key, when
+    the path or a local shard does not exist (instead of a reader error once training started)."""
+    if not spec:
+        raise ValueError(f"{key} is empty: point it at a jrm-prep output folder or its manifest.json")
+    if _is_local(spec) and "{" not in spec and "::" not in spec and not os.path.exists(spec):
+        raise FileNotFoundError(f"{key}={spec!r} does not exist (expected a jrm-prep output folder, its "
+                                "manifest.json, or a shard pattern such as shards/shard-{000000..000099}.tar)")
+    try:
+        shards = resolve_shards(spec)
+    except (OSError, ValueError) as exc:
+        raise type(exc)(f"{key}={spec!r}: {exc}") from None
+    missing = [s.url for s in shards if _is_local(s.url) and not os.path.exists(s.url)]
+    if missing:
+        raise FileNotFoundError(f"{key}={spec!r}: {len(missing)} shard(s) missing, e.g. {', '.join(missing[:3])}")
+    return shards
+
+
+def verify_shards(key: str, shards: Sequence[Shard]) -> list[str]:
+    """sha256 of every local shard against its manifest entry (data.verify); returns the problems."""
+    problems = []
+    for s in shards:
+        if not _is_local(s.url):
+            continue
+        if not s.sha256:
+            problems.append(f"{key}: {s.url}: no sha256 in a manifest to check against (data.verify=true "
+                            "needs a jrm-prep manifest.json)")
+            continue
+        with open(s.url, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != s.sha256:
+            problems.append(f"{key}: shard {s.url}: sha256 {digest}, manifest says {s.sha256} (changed or damaged "
+                            "since jrm-prep wrote it; `jrm-prep verify` re-checks every record)")
+    return problems
 
 
 def shards_digest(shards: Sequence[Shard]) -> str:
