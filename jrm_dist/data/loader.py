@@ -6,7 +6,8 @@ Pipeline (per epoch)::
       -> deterministic shard shuffle (seed, epoch)
       -> split by node, then by worker: P = world_size * num_workers equal contiguous slices
       -> sample shuffle buffer (simulated on sample *positions*, seed, epoch, slice)
-      -> read tar (webdataset gopen + tar iterator) -> json record + image bytes -> validate
+      -> read tar (webdataset gopen), assemble records by key -> json record + image bytes -> validate
+         (images over jrm-prep's pixel cap are refused from their header, before any decoding)
       -> encode_group (processor: candidates, chat template, reward token, images) -> Collator
 
 Cursor scheme (why resume is exact). Everything a worker yields is a pure function of
@@ -27,6 +28,13 @@ epoch, since the shard order is reshuffled). Every worker of every rank therefor
 ceil(L / B) batches, and every rank ``len(loader)`` batches per epoch. A corrupt sample makes its
 batch smaller, never absent: a batch whose samples are all corrupt repeats a good group of the same
 slice (the previous one; right after a start or resume, the next one).
+
+Damage (why no good record is lost silently). Position i of a shard is its i-th *record* (a key group
+with a json member), so a member that belongs to no record (a stray file, the images of a record whose
+json is missing) does not shift the records after it. Everything unusable is counted once, with its
+shard, byte offset and key: such members by the reader that hands out the next record; a record that
+fails to decode or validate where it is handed out; the positions a truncated shard leaves without a
+record where they fall (a position already explained by a counted member is not counted again).
 
 Resume across a changed world size, worker count, batch size, seed or shard set cannot map cursors
 one to one: the loader then restarts the checkpoint's epoch from its beginning and logs so.
