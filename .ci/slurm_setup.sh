@@ -2,7 +2,7 @@
 # Start a 2-node emulated Slurm cluster on this one machine (CI, or a developer's box as root).
 #
 # Why: launchers/tiny_cpu.sh is tested with a real sbatch/srun/scontrol, not a mock. Debian's
-# Slurm 22.05 has no systemd here, so the daemons are started by hand (see shared/MACHINE_NOTES.md):
+# Slurm 22.05 has no systemd here (a container), so the daemons are started by hand:
 # munged as user munge, slurmctld, and one slurmd per emulated node (`slurmd -N nodeX`, own Port).
 #
 # Idempotent: re-running keeps healthy daemons, restarts them only if slurm.conf changed, and

@@ -1,4 +1,4 @@
-"""EditReward-Data (parquet pairs, see shared/BENCHMARK_FORMATS.md) -> group records with K = 2.
+"""EditReward-Data (parquet pairs, see docs/BENCHMARKS.md) -> group records with K = 2.
 
 Read row group by row group so a 87 GB release never has to fit in memory, and so a resumed run
 skips finished row groups without reading their image bytes.

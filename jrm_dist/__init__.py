@@ -1,6 +1,6 @@
 """jrm-dist: distributed training of Joint Reward Models (Gaussian reward head + LM head on one VLM).
 
-Data flow (see DESIGN.md): data_prep → jrm_dist.data → jrm_dist.model → jrm_kernels → jrm_dist.train
+Data flow (see docs/DESIGN.md): data_prep → jrm_dist.data → jrm_dist.model → jrm_kernels → jrm_dist.train
 → jrm_dist.tracking → export → eval / serve.
 """
 

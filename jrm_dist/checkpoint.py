@@ -4,6 +4,7 @@ Layout (``<output_dir>/checkpoints``)::
 
     step_00000040/              one complete checkpoint (renamed into place only when complete)
         ds/                     DeepSpeed state (ZeRO partitions, optimizer, LR scheduler) — engine.save_checkpoint
+        latest, zero_to_fp32.py DeepSpeed's tag file ("ds") and its consolidation script (stock usage works)
         rank_00000.json ...     per rank: loader cursor (state_dict) and RNG states (python, numpy, torch, device)
         trainer_state.json      step, world size, MLflow run id, tokens seen, counters
         config.yaml             the resolved config
@@ -11,6 +12,8 @@ Layout (``<output_dir>/checkpoints``)::
         COMPLETE                written last, before the rename
     latest                      name of the newest complete checkpoint (replaced atomically)
     step_00000050.tmp/          a save in progress (or a crash mid-save): never loaded, removed by the next save
+    trash.step_00000030/        a pruned checkpoint being deleted: renamed first (one atomic step, so a crash
+                                never leaves a half-deleted step_*), removed by the next save or start
 
 Everything we write is JSON/YAML (no pickle): RNG byte states are base64. Only DeepSpeed's own files
 under ``ds/`` are torch-serialised, as DeepSpeed writes and reads them.
@@ -36,6 +39,7 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 DS_TAG = "ds"
 STEP_RE = re.compile(r"^step_(\d{8})$")
+TRASH_PREFIX = "trash."  # never matches STEP_RE: find_resume/list_checkpoints cannot pick a pruned folder
 
 
 def step_dir_name(step: int) -> str:
@@ -154,11 +158,12 @@ def save(engine, output_dir, step: int, *, rank: int, loader_state: dict, traine
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        for stale in root.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        sweep(output_dir)
         tmp.mkdir()
     _barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    # save_latest: DeepSpeed's own ``latest`` (= "ds") inside the step folder, so the zero_to_fp32.py it copies
+    # there works as documented (``python zero_to_fp32.py . OUT``) without ``-t ds``
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=True)
     _write_json(tmp / f"rank_{rank:05d}.json", {"rank": rank, "loader": loader_state, "rng": rng_state()})
     if fault_hook is not None:
         fault_hook("save", step)  # tests: crash in the middle of a save
@@ -175,10 +180,72 @@ def save(engine, output_dir, step: int, *, rank: int, loader_state: dict, traine
         os.replace(tmp, final)
         _write_atomic(root / LATEST, final.name)
         _fsync_dir(root)
-        for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(output_dir, keep_last, fault_hook=(lambda: fault_hook("prune", step)) if fault_hook else None)
     _barrier()
     return final
+
+
+def prune(output_dir, keep_last: int, fault_hook=None) -> list[Path]:
+    """Remove all but the newest ``keep_last`` complete checkpoints, crash-safe: each is first renamed to
+    ``trash.step_N`` (atomic), then deleted; a crash in between leaves only a trash folder, which
+    :func:`sweep` removes at the next start or save. Returns the renamed folders."""
+    root = ckpt_root(output_dir)
+    trashed = []
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        dst = root / (TRASH_PREFIX + old.name)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(old, dst)
+        trashed.append(dst)
+    if trashed:
+        _fsync_dir(root)
+    for d in trashed:
+        _rmtree_loud(d, fault_hook)
+    return trashed
+
+
+def sweep(output_dir) -> list[Path]:
+    """Delete what a crash left behind: unfinished saves (``step_N.tmp``) and pruned folders not yet
+    deleted (``trash.*``). Rank 0 calls it at the start of a run and before every save."""
+    root = ckpt_root(output_dir)
+    if not root.is_dir():
+        return []
+    left = sorted(p for p in root.iterdir()
+                  if p.is_dir() and (p.name.startswith(TRASH_PREFIX) or (p.name.startswith("step_")
+                                                                         and p.name.endswith(".tmp"))))
+    for p in left:
+        log.warning("removing %s left by an interrupted save or prune", p)
+        _rmtree_loud(p)
+    return left
+
+
+def _rmtree_loud(path: Path, fault_hook=None) -> None:
+    """rmtree that says what it could not delete (a silently kept half-deleted folder can be 1 TB)."""
+    def onerror(func, p, exc_info):
+        log.warning("could not delete %s: %s", p, exc_info[1])
+    entries = sorted(path.iterdir()) if fault_hook is not None and path.is_dir() else []
+    if entries:  # tests: delete part of the folder, then let the fault hook kill the process
+        first = entries[0]
+        shutil.rmtree(first) if first.is_dir() else first.unlink()
+        fault_hook()
+    shutil.rmtree(path, onerror=onerror)
+
+
+def all_finite(module, device) -> tuple[bool, str | None]:
+    """Collective: True when every rank's local weights are finite (ZeRO-3: the rank's partitions
+    ``ds_tensor``; otherwise the full tensors). Returns (verdict of all ranks, first bad name here)."""
+    bad = None
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                bad = name
+                break
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() == 0), bad
+    return bad is None, bad
 
 
 def _write_json(path: Path, obj) -> None:

@@ -7,6 +7,7 @@ Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming t
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class DataConfig:
     shuffle_buffer: int = 64
     groups_per_batch: int = 2  # groups per micro-batch (all candidates of a group stay together)
     seed: int = 0
+    max_corrupt_fraction: float = 0.01  # abort when more than this fraction of an epoch's records are unusable
+    verify: bool = False  # check every shard's sha256 against manifest.json before training (and in preflight)
 
 
 @dataclass
@@ -114,6 +117,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2
+    max_consecutive_skips: int = 20  # stop with an error after this many skipped (non-finite) steps in a row
     step_log: bool = True  # append per-step losses + every rank's group keys to <output_dir>/steps.jsonl (audit, resume checks)
 
 
@@ -171,6 +175,7 @@ _RANGES = {  # inclusive
     "optim.decay_ratio": (0.0, 1.0), "train.max_steps": (1, None), "train.grad_accum": (1, None),
     "train.keep_last": (1, None), "data.groups_per_batch": (1, None), "data.max_length": (16, None),
     "loss.label_smoothing": (0.0, 1.0), "model.head_hidden": (1, None),
+    "train.max_consecutive_skips": (1, None), "data.max_corrupt_fraction": (0.0, 1.0),
 }
 
 
@@ -268,8 +273,19 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _check_finite(flat: dict[str, Any]) -> None:
+    """Every float field (and float list item) of every section: NaN/Inf pass range checks silently
+    (``nan < 0`` is False), so they are refused here, once, for all keys."""
+    for key, v in flat.items():
+        for i, x in enumerate(v if isinstance(v, list) else [v]):
+            if isinstance(x, float) and not math.isfinite(x):
+                name = f"{key}[{i}]" if isinstance(v, list) else key
+                raise ConfigError(f"{name}={x!r}: must be a finite number (NaN and Inf are not allowed)")
+
+
 def validate(cfg: JRMConfig) -> JRMConfig:
     flat = cfg.flat()
+    _check_finite(flat)
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key}={flat[key]!r}: expected one of {', '.join(map(str, choices))}")

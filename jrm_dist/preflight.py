@@ -3,7 +3,7 @@
 The launchers run it on the first node before ``srun``/``torchrun``, so a typo in a path fails in seconds
 with a message that names the key and the file, instead of after 32 GPUs have loaded 72B weights.
 Checks: the config and overrides are valid; the train/eval shards resolve (manifest readable, every
-local shard present, readable and a tar); the backbone (``model.name``) is a local directory with a
+local shard present, readable and a tar; with ``data.verify=true`` every train shard's sha256 matches); the backbone (``model.name``) is a local directory with a
 config and weights, or already in the Hugging Face cache (nothing is downloaded at run time); the
 output directory is writable and its file system has room for ``keep_last + 1`` checkpoints plus the
 export (sizes estimated from the architecture); the requested devices exist.
@@ -49,9 +49,10 @@ class Report:
         print(f"preflight: ok   {msg}", file=sys.stderr)
 
 
-def check_shards(key: str, spec: str, rep: Report, required: bool) -> None:
-    """Resolve the shard list exactly as the loader will, then open every local shard's tar header."""
-    from jrm_dist.data.loader import resolve_shards
+def check_shards(key: str, spec: str, rep: Report, required: bool, verify: bool = False) -> None:
+    """Resolve the shard list exactly as the loader will, then open every local shard's tar header;
+    ``verify`` (data.verify): also every shard's sha256 against the manifest."""
+    from jrm_dist.data.loader import resolve_shards, verify_shards
 
     if not spec:
         if required:
@@ -82,6 +83,15 @@ def check_shards(key: str, spec: str, rep: Report, required: bool) -> None:
                 rep.fail(f"{key}={spec!r}: shard {s.url}: {e}")
     if bad > 5:
         rep.fail(f"{key}={spec!r}: {bad - 5} more unreadable shards")
+    if not bad and verify:
+        problems = verify_shards(key, shards)
+        for p in problems[:5]:
+            rep.fail(p)
+        if len(problems) > 5:
+            rep.fail(f"{key}: {len(problems) - 5} more shard(s) differ from the manifest")
+        bad = len(problems)
+        if not bad:
+            rep.ok(f"{key}: every shard's sha256 matches the manifest (data.verify)")
     if not bad:
         total = sum(s.count for s in shards)
         if total <= 0:
@@ -194,7 +204,7 @@ def run(args: argparse.Namespace) -> tuple[JRMConfig | None, list[str]]:
         rep.fail(str(e))
         return None, rep.problems
     rep.ok(f"config {args.config} ({len(args.overrides)} override(s))")
-    check_shards("data.train_shards", cfg.data.train_shards, rep, required=True)
+    check_shards("data.train_shards", cfg.data.train_shards, rep, required=True, verify=cfg.data.verify)
     check_shards("data.eval_shards", cfg.data.eval_shards, rep, required=False)
     d = check_model(cfg, rep)
     check_output(cfg, d, rep, args.min_free_gb)

@@ -1,4 +1,4 @@
-"""Turn one candidate of a group into model inputs, with the sequence layout of DESIGN.md:
+"""Turn one candidate of a group into model inputs, with the sequence layout of docs/DESIGN.md:
 
     <user> [source image(s)] [candidate image(s)] instruction + judging prompt <|reward|> </user>
     <assistant> rationale ... <eos>

@@ -5,6 +5,15 @@ daemon thread owns the ``MlflowClient``: it creates or reopens the run, sends pa
 (``log_batch``, <= 1000 entries a call) and artifacts. When the tracking server is unreachable it
 keeps the queue (bounded), retries with back-off and warns once per outage; what is still unsent
 when the trainer closes is written to ``<output_dir>/mlflow_unsent.jsonl`` so nothing is lost.
+
+Each (metric, step) is logged once. MLflow metrics are append-only (no API overwrites or deletes a
+point), so a run resumed after kill -9 would add a second point for every step it redoes after its
+checkpoint. On resume the tracker reads the run's metric history and keeps, per key, the highest step
+already logged; later points at or below it are not sent (an exact resume recomputes the same values).
+
+Artifacts follow the store: with a SQLite store (the default ``sqlite:///<output_dir>/mlflow.db``, or a
+shared one) a new experiment gets the artifact location ``<folder of the .db>/mlartifacts``, not MLflow's
+default ``./mlruns`` of whatever directory the job started in. A tracking server decides for itself.
 """
 from __future__ import annotations
 
@@ -31,6 +40,14 @@ def default_uri(output_dir: str | os.PathLike, configured: str = "") -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """``<folder of the .db>/mlartifacts`` (file URI) for a SQLite store; None (MLflow decides) otherwise."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.resolve().parent / "mlartifacts").as_uri()
 
 
 class NullTracker:
@@ -74,6 +91,8 @@ class MlflowTracker:
         self._client = None
         self._thread: threading.Thread | None = None
         self.sent_batches = 0
+        self._high: dict[str, int] = {}  # per metric key: highest step already in the run
+        self.not_relogged = 0  # points of a resumed run that were already in the store
 
     # ---- API used by the trainer (cheap, never blocks on the network)
     def start(self, run_id: str | None = None, tags: dict[str, str] | None = None) -> None:
@@ -187,6 +206,10 @@ class MlflowTracker:
             run = c.get_run(self._resume_id)  # raises if the store lost it
             if run.info.status != "RUNNING":
                 c.update_run(self._resume_id, status="RUNNING")
+            for key in run.data.metrics:  # the steps the run already has (see module doc)
+                hist = c.get_metric_history(self._resume_id, key)
+                if hist:
+                    self._high[key] = max(m.step for m in hist)
             existing = dict(run.data.params)
             with self._lock:
                 for k in list(self._params):
@@ -197,7 +220,8 @@ class MlflowTracker:
             self.run_id = self._resume_id
         else:
             exp = c.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp is not None else c.create_experiment(self.experiment)
+            exp_id = exp.experiment_id if exp is not None else \
+                c.create_experiment(self.experiment, artifact_location=artifact_location(self.uri))
             run = c.create_run(exp_id, run_name=self.run_name or None)
             self.run_id = run.info.run_id
         self._run_ready.set()
@@ -225,8 +249,17 @@ class MlflowTracker:
                 chunk = [self._metrics[i] for i in range(min(MAX_BATCH, len(self._metrics)))]
             if not chunk:
                 break
-            c.log_batch(self.run_id, metrics=chunk, synchronous=True)
-            self.sent_batches += 1
+            high, fresh = dict(self._high), []
+            for m in chunk:
+                if m.step <= high.get(m.key, -1):
+                    self.not_relogged += 1
+                else:
+                    fresh.append(m)
+                    high[m.key] = m.step
+            if fresh:
+                c.log_batch(self.run_id, metrics=fresh, synchronous=True)
+                self.sent_batches += 1
+            self._high = high  # only once sent: a failed batch is retried unfiltered
             with self._lock:
                 for _ in chunk:
                     self._metrics.popleft()

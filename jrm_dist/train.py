@@ -18,7 +18,13 @@ torchrun / SLURM (env:// rendezvous). Per optimizer step:
 6. at the end: consolidated HF export in ``<output_dir>/export`` (same code as ``jrm-export``).
 
 Fault injection for the tests (real faults in the real stack, off unless set):
-``JRM_FAULTS="kill@STEP:RANK,nan@STEP:RANK,signal@STEP:RANK:USR1,crash_save@STEP:RANK"``.
+``JRM_FAULTS="kill@STEP:RANK,nan@STEP:RANK,signal@STEP:RANK:USR1,crash_save@STEP:RANK,crash_prune@STEP:RANK"``
+(crash_prune: SIGKILL while the save at STEP deletes a pruned checkpoint, after part of it is gone;
+``nan_weights@STEP:RANK``: after STEP, a NaN in this rank's partition of the first parameter).
+
+Failures are loud: ``train.max_consecutive_skips`` skipped steps in a row, or non-finite weights at a
+save, stop the run with exit status 1 (``TrainingAborted``, not the requeue code); nothing non-finite
+is ever saved, pointed to by ``latest``, or exported.
 """
 from __future__ import annotations
 
@@ -40,6 +46,11 @@ import yaml
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "checkpointed after a preemption signal, requeue me"
 REQUEUE_MARKER = "REQUEUE"
+ABORT_EXIT_CODE = 1
+
+
+class TrainingAborted(RuntimeError):
+    """A run that cannot go on usefully (weights or losses not finite): exit 1, never requeue."""
 
 log = logging.getLogger("jrm_dist.train")
 
@@ -55,7 +66,7 @@ class Faults:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             kind, _, rest = part.partition("@")
             bits = rest.split(":")
-            if kind not in ("kill", "nan", "signal", "crash_save") or len(bits) < 2:
+            if kind not in ("kill", "nan", "signal", "crash_save", "crash_prune", "nan_weights") or len(bits) < 2:
                 raise ValueError(f"JRM_FAULTS: cannot parse {part!r} (kind@STEP:RANK[:SIG])")
             self.items.append((kind, int(bits[0]), int(bits[1]), bits[2] if len(bits) > 2 else ""))
 
@@ -66,8 +77,11 @@ class Faults:
         return None
 
     def save_hook(self, where: str, step: int) -> None:
-        if self.hit("crash_save", step):
+        if where == "save" and self.hit("crash_save", step):
             log.error("JRM_FAULTS: SIGKILL in the middle of saving step %d", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if where == "prune" and self.hit("crash_prune", step):
+            log.error("JRM_FAULTS: SIGKILL in the middle of pruning old checkpoints at step %d", step)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -110,6 +124,7 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / REQUEUE_MARKER).unlink(missing_ok=True)
+            ck.sweep(self.out)  # half-done saves and prunes of a crashed run
         self.dist.barrier()
         self.resume_from = ck.find_resume(self.out, resume)
         self.saved_state = ck.read_state(self.resume_from) if self.resume_from else None
@@ -129,8 +144,7 @@ class Trainer:
         from jrm_dist.tracking import make_tracker
 
         cfg = self.cfg
-        if not cfg.data.train_shards:
-            raise SystemExit("data.train_shards is empty: point it at a jrm-prep output folder or manifest.json")
+        self.shards = self._train_shards()
         self.processor = RewardProcessor.from_pretrained(
             cfg.model.name, prompt=cfg.data.prompt or DEFAULT_PROMPT, max_pixels=cfg.data.max_pixels,
             min_pixels=cfg.data.min_pixels, max_length=cfg.data.max_length)
@@ -150,7 +164,8 @@ class Trainer:
         self.pstats = partition_stats(self.model)
         log.info("model: %.3fM parameters, %.3fM on this rank (ZeRO stage %d, %d ranks)",
                  self.pstats["params_total"] / 1e6, self.pstats["params_local"] / 1e6, cfg.zero.stage, self.world)
-        self.loader = StreamingLoader.from_config(cfg.data, self.processor, rank=self.rank, world_size=self.world)
+        self.loader = StreamingLoader.from_config(cfg.data, self.processor, rank=self.rank, world_size=self.world,
+                                                  shards=self.shards)
         self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
             raise SystemExit(f"{cfg.data.train_shards}: {len(self.loader)} micro-batches per rank per epoch < "
@@ -182,6 +197,45 @@ class Trainer:
         if self.rank == 0:
             self._prepare_run_dir()
         self.it = None
+
+    def _train_shards(self) -> list:
+        """data.train_shards resolved (and with data.verify, every shard's sha256 checked, the shards split
+        over the ranks) before the model is built, so a wrong path fails in seconds naming the key."""
+        from jrm_dist.data.loader import resolve_config_shards, verify_shards
+
+        err: list = [None]
+        shards = []
+        try:
+            shards = resolve_config_shards("data.train_shards", self.cfg.data.train_shards)
+        except (OSError, ValueError) as e:
+            err = [str(e)]
+        errs = [None] * self.world
+        self.dist.all_gather_object(errs, err[0])
+        if any(errs):
+            raise TrainingAborted(next(e for e in errs if e))
+        if self.cfg.data.verify:
+            t0 = time.perf_counter()
+            problems = [None] * self.world
+            self.dist.all_gather_object(problems, verify_shards("data.train_shards", shards[self.rank::self.world]))
+            problems = [p for part in problems for p in part]
+            if problems:
+                raise TrainingAborted(f"data.verify: {len(problems)} shard(s) differ from the manifest: "
+                                      + "; ".join(problems[:5]))
+            log.info("data.verify: %d shard(s) match their manifest sha256 (%.1fs)", len(shards),
+                     time.perf_counter() - t0)
+        return shards
+
+    def _check_corrupt_fraction(self, m: dict) -> None:
+        """Abort when the unusable records exceed data.max_corrupt_fraction of the epochs begun (the count is
+        all-reduced in train_step, so every rank takes the same decision)."""
+        n = sum(s.count for s in self.shards) * (self.loader.epoch + 1)
+        bad = m.get("corrupt_samples", 0.0)
+        if n and bad > self.cfg.data.max_corrupt_fraction * n:
+            raise TrainingAborted(
+                f"step {self.step}: {int(bad)} unusable record(s) in {self.loader.epoch + 1} epoch(s) of "
+                f"{n // (self.loader.epoch + 1)} ({bad / n:.2%}) > data.max_corrupt_fraction="
+                f"{self.cfg.data.max_corrupt_fraction}; the 'skipped corrupt record' warnings name shard, offset "
+                f"and key (jrm-prep verify re-checks the shards)")
 
     def _prepare_run_dir(self) -> None:
         cfg = self.cfg
@@ -341,6 +395,13 @@ class Trainer:
         from jrm_dist import checkpoint as ck
 
         t0 = time.perf_counter()
+        finite, bad = ck.all_finite(self.engine.module, self.dev)
+        if not finite:
+            latest = ck.ckpt_root(self.out) / ck.LATEST
+            raise TrainingAborted(
+                f"step {self.step}: the model weights are not finite ({'e.g. ' + bad + ' on this rank' if bad else 'on another rank'}); "
+                f"not saving a checkpoint or export. The last good checkpoint: "
+                f"{latest.read_text().strip() if latest.exists() else 'none'} (lower optim.lr / optim.head_lr?)")
         run_id = self.tracker.wait_run_id(60.0) if self.rank == 0 else None
         state = {"step": self.step, "world_size": self.world, "mlflow_run_id": run_id, "counters": self.counters,
                  "zero_stage": self.cfg.zero.stage, "lora": self.cfg.model.lora.r > 0,
@@ -453,17 +514,31 @@ class Trainer:
         exit_code = 0
         final_eval: dict[str, float] = {}
         status = "FINISHED"
+        skips_in_a_row = 0
         try:
             while self.step < cfg.train.max_steps:
+                skipped_before = self.counters["skipped_steps"]
                 m = self.train_step()
                 if m is None:
                     log.info("data exhausted after %d epoch(s) at step %d", cfg.train.epochs, self.step)
                     break
                 stop = m["_stop"] > 0
                 self.log_step(m)
+                self._check_corrupt_fraction(m)
+                skips_in_a_row = skips_in_a_row + 1 if self.counters["skipped_steps"] > skipped_before else 0
+                if skips_in_a_row >= cfg.train.max_consecutive_skips:  # agreed: skips are decided globally
+                    raise TrainingAborted(
+                        f"step {self.step}: {skips_in_a_row} steps in a row had a non-finite loss and were skipped "
+                        f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); stopping. Check "
+                        f"loss.*, optim.lr and the data; resume from the last checkpoint after fixing it")
                 if self.faults.hit("kill", self.step):
                     log.error("JRM_FAULTS: SIGKILL after step %d", self.step)
                     os.kill(os.getpid(), signal.SIGKILL)
+                if self.faults.hit("nan_weights", self.step):
+                    log.error("JRM_FAULTS: NaN in this rank's weights after step %d", self.step)
+                    p = next(self.engine.module.parameters())
+                    with torch.no_grad():
+                        (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).view(-1)[0] = float("nan")
                 if self.faults.hit("signal", self.step):
                     sig = getattr(signal, "SIG" + self.faults.hit("signal", self.step).removeprefix("SIG"))
                     os.kill(os.getpid(), sig)
@@ -495,11 +570,15 @@ class Trainer:
             self._write_rank_info()
             if self.rank == 0 and status != "FAILED":
                 self.tracker.log_metrics({"skipped_steps": float(self.counters["skipped_steps"])}, self.step)
+            corrupt = None
             if status != "FAILED":
+                corrupt = torch.tensor([float(self.loader.corrupt_samples)], device=self.dev)
+                self.dist.all_reduce(corrupt)  # every rank's count (each rank reads its own records)
                 self.dist.barrier()
             if self.rank == 0:
                 if status == "FINISHED":
-                    final = {"step": self.step, **self.counters, **final_eval}
+                    final = {"step": self.step, **self.counters, "corrupt_samples": int(corrupt.item()),
+                             **final_eval}
                     (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
                     self.tracker.log_artifact(self.out / "final_metrics.json")
                 self.tracker.close(timeout=60.0, status=status if status != "SCHEDULED" else "")
@@ -568,7 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed 0.19 calls c10d collectives that torch 2.13 marks deprecated: one warning per call, per step.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+\W* is deprecated", category=FutureWarning)
     trainer = Trainer(cfg, resume=args.resume)
-    code = trainer.fit()
+    try:
+        code = trainer.fit()
+    except TrainingAborted as e:
+        log.error("%s", e)
+        print(f"jrm-train: error: {e}", file=sys.stderr, flush=True)
+        code = ABORT_EXIT_CODE
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return code

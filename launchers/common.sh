@@ -122,11 +122,27 @@ jrm_maybe_requeue() {
         return 1
     fi
     jrm_log "$why: checkpoint written; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)); resumes with --resume auto)"
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
-        jrm_log "scontrol requeue failed; resubmit the same sbatch line to resume from the checkpoint"
-        return 1
+    # Slurm signals every process of the job (this shell and scontrol included) as part of a successful
+    # requeue, so scontrol can die with 143 although the job was requeued: ignore TERM meanwhile, and
+    # on a non-zero status ask Slurm whether the requeue happened before calling it a failure.
+    local rc=0 msg
+    trap '' TERM
+    msg="$(scontrol requeue "$SLURM_JOB_ID" 2>&1)" || rc=$?
+    trap - TERM
+    if ((rc == 0)) || jrm_job_requeued "$restarts"; then
+        jrm_log "job $SLURM_JOB_ID requeued (scontrol requeue exit $rc); Slurm ends this run now"
+        return 0
     fi
-    return 0
+    jrm_log "scontrol requeue failed (exit $rc: ${msg:-no message}); resubmit the same sbatch line to resume from the checkpoint"
+    return 1
+}
+
+# True when Slurm shows the job requeued: more restarts than $1, or a pending/requeue state.
+jrm_job_requeued() {
+    local info
+    info="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)" || return 1
+    [[ "$info" =~ Restarts=([0-9]+) ]] && ((BASH_REMATCH[1] > $1)) && return 0
+    [[ "$info" =~ JobState=(PENDING|REQUEUED|REQUEUE_HOLD|REQUEUE_FED) ]]
 }
 
 # The body of every sbatch launcher: one jrm_dist.torchrun (torchrun) per node, c10d rendezvous on the

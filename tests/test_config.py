@@ -59,3 +59,18 @@ def test_shipped_configs_load():
     assert {"tiny.yaml", "qwen2_5_vl_7b.yaml", "qwen2_5_vl_72b.yaml"} <= {f.name for f in files}
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "inf", "-inf", "1e999"])
+def test_every_float_key_rejects_non_finite_values(value):
+    """One generic check covers every float field of every section (and float lists such as betas)."""
+    import dataclasses
+
+    floats = [k for k, v in JRMConfig().flat().items() if isinstance(v, float)]
+    assert {"loss.alpha", "optim.lr", "loss.tie_margin", "train.grad_clip", "data.max_corrupt_fraction"} <= set(floats)
+    for key in floats:
+        with pytest.raises(ConfigError, match=rf"{key}=.*must be a finite number"):
+            load_config(None, [f"{key}={value}"])
+    with pytest.raises(ConfigError, match=r"optim.betas\[1\]=.*must be a finite number"):
+        load_config(None, [f"optim.betas=[0.9, {value}]"])
+    assert dataclasses.is_dataclass(load_config(None, ["loss.alpha=0.5"]))

@@ -160,6 +160,20 @@ def test_preflight_lists_every_problem(preflight, tiny_backbone, synthetic_shard
     assert "4 problem(s); nothing was launched" in err
 
 
+def test_preflight_verify_checks_every_shard_sha256(preflight, tiny_backbone, synthetic_shards, tmp_path):
+    """data.verify=true: a shard changed after jrm-prep (still a valid tar) fails preflight, naming it."""
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards["train"], shards)
+    ov = _overrides(tiny_backbone, synthetic_shards, tmp_path / "o", **{"data.train_shards": shards})
+    assert preflight(*ov, "data.verify=true").returncode == 0
+    victim = sorted(shards.glob("*.tar"))[1]
+    with open(victim, "ab") as f:  # appended zero blocks: the tar still opens, the bytes changed
+        f.write(b"\0" * 1024)
+    assert preflight(*ov).returncode == 0  # without data.verify the damage goes unnoticed here
+    r = preflight(*ov, "data.verify=true")
+    assert r.returncode == 2 and f"shard {victim}: sha256" in r.stderr and "manifest says" in r.stderr, r.stderr
+
+
 def test_preflight_config_model_and_disk(preflight, tiny_backbone, synthetic_shards, tmp_path):
     r = preflight(*_overrides(tiny_backbone, synthetic_shards, tmp_path / "o"), "train.no_such_key=1")
     assert r.returncode == 2 and "unknown config key 'train.no_such_key'" in r.stderr
@@ -402,6 +416,7 @@ def test_sbatch_two_nodes_preempt_requeue_resume(slurm, tiny_backbone, synthetic
     # every node's agent exited 75 itself (none died on a lost rendezvous store or was killed by srun)
     assert "training step ended with exit code 75" in text and "RendezvousConnectionError" not in text
     assert f"the trainer exited {REQUEUE_EXIT_CODE}: checkpoint written" in text
+    assert f"job {jid} requeued" in text and "requeue failed" not in text
     # both nodes ran a torchrun agent in both runs, on their own node rank
     for node_rank, node in enumerate(slurm[:2]):
         assert len(re.findall(rf"\[jrm-torchrun\] {node}: node_rank {node_rank}, nnodes 2", text)) == 2, text
@@ -434,3 +449,58 @@ def test_sbatch_two_nodes_preempt_requeue_resume(slurm, tiny_backbone, synthetic
     assert loss_steps == list(range(1, steps + 1))
     for key in ("alpha", "loss/rank", "loss/lm", "train/accuracy", "eval/effective_rank"):
         assert key in run.data.metrics, sorted(run.data.metrics)
+
+
+def test_requeue_by_hand_is_reported_as_a_requeue(slurm, tmp_path, cleanup_jobs):
+    """`scontrol requeue JOB` by an operator: Slurm signals the batch shell (the trainer checkpoints and exits
+    75), the launcher's own `scontrol requeue` then fails with "Job is pending execution" because the job is
+    already requeued. The launcher must say the job was requeued, not "failed; resubmit"."""
+    script, log = tmp_path / "job.sh", tmp_path / "job.log"
+    script.write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        #SBATCH --requeue
+        #SBATCH --open-mode=append
+        #SBATCH --time=00:05:00
+        source {LAUNCHERS / 'common.sh'}
+        echo "start restart=${{SLURM_RESTART_COUNT:-0}}"
+        if [[ "${{SLURM_RESTART_COUNT:-0}}" == 0 ]]; then
+            trap 'JRM_TRAPPED=1' TERM    # the forwarded signal: the trainer checkpoints and exits 75
+            sleep 120 & wait
+            JRM_STEP_RC=$JRM_REQUEUE_EXIT_CODE
+            rc=0; jrm_maybe_requeue "" "$(mktemp)" || rc=$?
+            echo "maybe_requeue=$rc"
+        fi
+        """))
+    r = subprocess.run(["sbatch", "--parsable", f"--output={log}", str(script)], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip().split(";")[0]
+    cleanup_jobs.append(jid)
+    wait_for(jid, lambda i: log.exists() and "start restart=0" in log.read_text(), 120, log, "the start")
+    subprocess.run(["scontrol", "requeue", jid], check=True)
+    deadline = time.time() + 60
+    while "maybe_requeue=" not in log.read_text():
+        assert time.time() < deadline, log.read_text()
+        time.sleep(0.2)
+    text = log.read_text()
+    assert "maybe_requeue=0" in text and f"job {jid} requeued" in text, text
+    assert "requeue failed" not in text, text
+    assert int(job_info(jid)["Restarts"]) == 1
+
+
+def test_every_launcher_env_knob_is_documented():
+    """Each environment variable a launcher reads appears in launchers/README.md's knob table, with
+    JRM_DEVICE's CPU use spelled out (the sbatch GPU scripts default to cuda)."""
+    internal = {"BASH_SOURCE", "PATH", "RUN", "VAR", "JRM_STEP_PID", "JRM_STEP_RC", "JRM_TRAPPED",
+                "JRM_REQUEUE_EXIT_CODE", "PYTHONPATH"}
+    read = set()
+    for sh in LAUNCHERS.glob("*.sh"):
+        text = sh.read_text()
+        read |= set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", text)) | set(re.findall(r"jrm_default ([A-Z_]+)", text))
+    knobs = {v for v in read - internal if not v.startswith(("DEFAULT_", "SLURM_"))}
+    readme = (LAUNCHERS / "README.md").read_text()
+    table = readme[readme.index("### Knobs"):]
+    assert {"JRM_DEVICE", "JRM_CONFIG", "JRM_NPROC_PER_NODE", "DS_ACCELERATOR", "DEMO_DIR"} <= knobs
+    missing = sorted(v for v in knobs if f"`{v}`" not in table)
+    assert not missing, f"launcher env knobs missing from launchers/README.md: {missing}"
+    assert "JRM_DEVICE=cpu" in table

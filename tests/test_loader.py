@@ -242,3 +242,113 @@ def test_corrupt_samples_are_skipped_counted_and_steps_stay_equal(tmp_path, proc
     assert corrupt == len(lost)
     assert set(seen) == all_keys(24, seed=0) - lost
     assert bad_key in caplog.text and "shard-000003.tar" in caplog.text
+
+
+# ---- shard damage: records assembled by key, everything unusable counted ------------------------------
+
+def _rewrite_members(path, change):
+    """Rewrite a tar shard member by member: ``change(members) -> members`` on [(name, bytes)]."""
+    with tarfile.open(path) as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in change(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _huge_png() -> bytes:
+    """A 12000 x 12000 (144 Mpx) PNG of a few KB: bilevel, all black. Decoded to RGB it is 432 MB."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def damage_shards(out: str) -> dict:
+    """Damage shards 0-3 of a jrm-prep folder, one way each (the record index i is within its shard):
+    shard 0: a stray member between two members of record 2 (the old loader then dropped the shard's last
+    two records); shard 1: record 2 without its json; shard 2: cut in the middle of record 3's second
+    member; shard 3: record 2's candidate image replaced by a 144 Mpx PNG. Returns the keys per shard,
+    the lost keys and the number of counted entries to expect."""
+    names = sorted(n for n in os.listdir(out) if n.endswith(".tar"))[:4]
+    keys = []
+    for n in names:
+        with tarfile.open(os.path.join(out, n)) as tf:
+            keys.append(list(dict.fromkeys(m.name.split(".", 1)[0] for m in tf.getmembers())))
+
+    def stray(ms):
+        i = next(j for j, (n, _) in enumerate(ms) if n.startswith(keys[0][2] + ".")) + 1
+        return ms[:i] + [("stray.bin", b"\0" * 100)] + ms[i:]
+    _rewrite_members(os.path.join(out, names[0]), stray)
+    _rewrite_members(os.path.join(out, names[1]), lambda ms: [m for m in ms if m[0] != keys[1][2] + ".json"])
+    path = os.path.join(out, names[2])
+    cut = [m for m in tarfile.open(path).getmembers() if m.name.startswith(keys[2][3] + ".")][1].offset_data + 10
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    huge = _huge_png()
+    _rewrite_members(os.path.join(out, names[3]),
+                     lambda ms: [(n, huge if n == keys[3][2] + ".c1_0.png" else d) for n, d in ms])
+    lost = {keys[1][2], keys[3][2], *keys[2][3:]}
+    # counted: stray, record without json, the cut record, the positions after it but one, the huge image
+    return {"keys": keys, "lost": lost, "counted": 1 + 1 + 1 + (len(keys[2]) - 4) + 1}
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """24 groups in 4 shards of 6 (syn-0-00000000 ...), each shard damaged differently."""
+    out = str(tmp_path_factory.mktemp("damaged") / "s")
+    assert prep(["synthetic", "--out", out, "--groups", "24", "--max-count", "6", "--quiet"]) == 0
+    info = damage_shards(out)
+    k = lambda i: f"syn-0-{i:08d}"  # noqa: E731
+    assert info["lost"] == {k(8), k(15), k(16), k(17), k(20)} and info["counted"] == 6
+    return out
+
+
+def test_damaged_shards_lose_only_the_damaged_records_and_count_each(damaged, caplog):
+    manifest_keys = all_keys(24, seed=0)
+    trained, entries, substituted = [], [], 0
+    for rank in (0, 1):
+        loader = make(damaged, rank, 2, workers=2, batch=2, buf=3)
+        with caplog.at_level(logging.INFO, logger="jrm_dist.data.loader"):
+            trained += [key for b in loader for key in b["keys"]]
+        assert loader.corrupt_samples == len(loader.corrupt_log) == loader.stats()["data/corrupt_samples"]
+        entries += loader.corrupt_log
+        substituted += loader.substituted_batches
+    k = lambda i: f"syn-0-{i:08d}"  # noqa: E731
+    lost = {k(8), k(15), k(16), k(17), k(20)}
+    assert set(trained) == manifest_keys - lost
+    # every good record once; a batch left empty by damage repeats one group (equal steps on every rank)
+    assert len(trained) == len(set(trained)) + substituted
+    assert {k(3), k(4), k(5)} <= set(trained)  # the records after the stray member are not lost
+    by_key = {e["key"]: e for e in entries if e["key"]}
+    assert set(by_key) == {"stray", k(8), k(15), k(20)}
+    assert len(entries) == 6  # + 2 positions of shard 2 the truncation left without a record (keys unknown)
+    # trained keys = the manifest's keys minus the counted corrupt ones
+    unknown = [e for e in entries if not e["key"]]
+    assert len(manifest_keys) - len(set(trained)) == len(entries) - sum(bool(e["key"]) and e["key"] not in manifest_keys
+                                                                         for e in entries)
+    assert all(e["shard"] == "shard-000002.tar" and "stopped reading" in e["reason"] for e in unknown)
+    assert by_key["stray"]["shard"] == "shard-000000.tar" and "no json member" in by_key["stray"]["reason"]
+    assert by_key[k(8)]["shard"] == "shard-000001.tar" and "no json member" in by_key[k(8)]["reason"]
+    assert "over jrm-prep's decoded-pixel cap" in by_key[k(20)]["reason"] and "144.0 Mpx" in by_key[k(20)]["reason"]
+    assert all(isinstance(by_key[x]["offset"], int) and by_key[x]["offset"] >= 0 for x in by_key)
+    assert '"key": "stray"' in caplog.text and '"offset":' in caplog.text
+
+
+def test_damaged_shards_resume_exactly(damaged):
+    """The cursor stays exact with damaged shards: stop, resume, same batches, same count. (A batch left
+    empty by damage repeats the previous group, or right after a resume the next one: stop where the
+    batch after the cut is not such a batch.)"""
+    full = make(damaged, 0, 2, workers=2, batch=2, buf=3)
+    ref = [b["keys"] for b in full]
+    first = make(damaged, 0, 2, workers=2, batch=2, buf=3)
+    got = []
+    for b in first:
+        got.append(b["keys"])
+        if len(got) == 3:
+            break
+    resumed = make(damaged, 0, 2, workers=2, batch=2, buf=3)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    got += [b["keys"] for b in resumed]
+    assert got == ref and resumed.corrupt_samples == full.corrupt_samples

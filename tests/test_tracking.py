@@ -153,3 +153,73 @@ def test_training_survives_a_tracking_server_stopped_mid_run(tiny_backbone, synt
               if json.loads(ln).get("key") == "loss/total"}
     assert {1, 2} <= sent
     assert sent | unsent == set(range(1, STEPS + 1))  # nothing lost: on the server or on disk
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+    """kill -9 after step 45 with the checkpoint at step 40: the resumed trainer redoes 41-45. MLflow
+    metrics are append-only, so the tracker must not send those steps a second time."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = MlflowTracker(uri, "exp", tmp_path)
+    t.start(None)
+    for step in range(1, 46):
+        t.log_metrics({"loss/total": 1.0 / step, "lr": 0.1}, step)
+    run_id = t.wait_run_id(60)
+    assert t.flush(60)
+    t.close(timeout=60, status="")  # the kill: the run stays open
+    t2 = MlflowTracker(uri, "exp", tmp_path)
+    t2.start(run_id)
+    for step in range(41, 51):  # resumed from the step-40 checkpoint
+        t2.log_metrics({"loss/total": 1.0 / step, "lr": 0.1, "eval/accuracy": 0.5}, step)
+    t2.log_metrics({"lr": 0.1}, 50)  # the same step twice in one run: once in the store
+    t2.close(timeout=60)
+    c = MlflowClient(tracking_uri=uri)
+    for key in ("loss/total", "lr"):
+        assert sorted(m.step for m in c.get_metric_history(run_id, key)) == list(range(1, 51)), key
+    assert sorted(m.step for m in c.get_metric_history(run_id, "eval/accuracy")) == list(range(41, 51))
+    assert t2.not_relogged == 2 * 5 + 1
+
+
+def test_artifacts_follow_the_sqlite_store_not_the_working_directory(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from jrm_dist.tracking import artifact_location
+
+    cwd, out = tmp_path / "cwd", tmp_path / "run"
+    cwd.mkdir()
+    out.mkdir()
+    monkeypatch.chdir(cwd)
+    uri = default_uri(out)
+    assert artifact_location(uri) == (out.resolve() / "mlartifacts").as_uri()
+    (out / "config.yaml").write_text("a: 1\n")
+    t = MlflowTracker(uri, "exp", out)
+    t.start(None)
+    t.log_artifact(out / "config.yaml")
+    run_id = t.wait_run_id(60)
+    t.close(timeout=60)
+    assert not (cwd / "mlruns").exists()
+    stored = list((out / "mlartifacts").rglob("config.yaml"))
+    assert len(stored) == 1 and run_id in str(stored[0])
+    c = MlflowClient(tracking_uri=uri)
+    assert [f.path for f in c.list_artifacts(run_id)] == ["config.yaml"]
+
+
+def test_several_runs_share_one_store_for_a_sweep(tmp_path):
+    """An alpha sweep: every run points tracking.uri at one store and tracking.experiment at one name
+    (docs: launchers/README.md); the runs land side by side in that experiment."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'sweep' / 'mlflow.db'}"
+    (tmp_path / "sweep").mkdir()
+    for alpha in (0.0, 0.3, 1.0):
+        t = MlflowTracker(uri, "alpha-sweep", tmp_path / f"run-{alpha}", run_name=f"alpha-{alpha}")
+        t.start(None)
+        t.log_params({"loss.alpha": alpha})
+        t.log_metrics({"eval/accuracy": alpha}, 10)
+        t.close(timeout=60)
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name("alpha-sweep")
+    runs = c.search_runs([exp.experiment_id], order_by=["params.`loss.alpha` ASC"])
+    assert [r.info.run_name for r in runs] == ["alpha-0.0", "alpha-0.3", "alpha-1.0"]
+    assert exp.artifact_location == (tmp_path / "sweep" / "mlartifacts").resolve().as_uri()

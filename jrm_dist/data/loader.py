@@ -6,7 +6,8 @@ Pipeline (per epoch)::
       -> deterministic shard shuffle (seed, epoch)
       -> split by node, then by worker: P = world_size * num_workers equal contiguous slices
       -> sample shuffle buffer (simulated on sample *positions*, seed, epoch, slice)
-      -> read tar (webdataset gopen + tar iterator) -> json record + image bytes -> validate
+      -> read tar (webdataset gopen), assemble records by key -> json record + image bytes -> validate
+         (images over jrm-prep's pixel cap are refused from their header, before any decoding)
       -> encode_group (processor: candidates, chat template, reward token, images) -> Collator
 
 Cursor scheme (why resume is exact). Everything a worker yields is a pure function of
@@ -28,6 +29,13 @@ ceil(L / B) batches, and every rank ``len(loader)`` batches per epoch. A corrupt
 batch smaller, never absent: a batch whose samples are all corrupt repeats a good group of the same
 slice (the previous one; right after a start or resume, the next one).
 
+Damage (why no good record is lost silently). Position i of a shard is its i-th *record* (a key group
+with a json member), so a member that belongs to no record (a stray file, the images of a record whose
+json is missing) does not shift the records after it. Everything unusable is counted once, with its
+shard, byte offset and key: such members by the reader that hands out the next record; a record that
+fails to decode or validate where it is handed out; the positions a truncated shard leaves without a
+record where they fall (a position already explained by a counted member is not counted again).
+
 Resume across a changed world size, worker count, batch size, seed or shard set cannot map cursors
 one to one: the loader then restarts the checkpoint's epoch from its beginning and logs so.
 """
@@ -35,24 +43,28 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import random
 import tarfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import braceexpand
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
-from webdataset.tariterators import tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from jrm_dist.data.schema import validate_group
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+MAX_CORRUPT_LOG = 10_000
 
 
 # ---- shard list -----------------------------------------------------------------------------------
@@ -61,6 +73,7 @@ STATE_VERSION = 1
 class Shard:
     url: str    # local path, pipe:..., or http(s):// URL (anything webdataset's gopen opens)
     count: int  # samples in the shard (from the manifest, or counted once)
+    sha256: str | None = None  # from the manifest (data.verify checks it)
 
 
 def _read_manifest(path: str, shard_root: str | None) -> list[Shard]:
@@ -74,7 +87,7 @@ def _read_manifest(path: str, shard_root: str | None) -> list[Shard]:
         if "name" not in s or "count" not in s:
             raise ValueError(f"{path}: shards[{i}] lacks 'name' or 'count'")
         url = s["name"] if "://" in s["name"] or s["name"].startswith("pipe:") else _join(root, s["name"])
-        out.append(Shard(url, int(s["count"])))
+        out.append(Shard(url, int(s["count"]), s.get("sha256")))
     return out
 
 
@@ -129,6 +142,46 @@ def resolve_shards(spec: str | Sequence[str], shard_root: str | None = None) -> 
             c = count_samples(u)
         shards.append(Shard(u, c))
     return shards
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def resolve_config_shards(key: str, spec: str) -> list[Shard]:
+    """:func:`resolve_shards` for a config key (``data.train_shards``): fails fast, naming the key, when
+    the path or a local shard does not exist (instead of a reader error once training started)."""
+    if not spec:
+        raise ValueError(f"{key} is empty: point it at a jrm-prep output folder or its manifest.json")
+    if _is_local(spec) and "{" not in spec and "::" not in spec and not os.path.exists(spec):
+        raise FileNotFoundError(f"{key}={spec!r} does not exist (expected a jrm-prep output folder, its "
+                                "manifest.json, or a shard pattern such as shards/shard-{000000..000099}.tar)")
+    try:
+        shards = resolve_shards(spec)
+    except (OSError, ValueError) as exc:
+        raise type(exc)(f"{key}={spec!r}: {exc}") from None
+    missing = [s.url for s in shards if _is_local(s.url) and not os.path.exists(s.url)]
+    if missing:
+        raise FileNotFoundError(f"{key}={spec!r}: {len(missing)} shard(s) missing, e.g. {', '.join(missing[:3])}")
+    return shards
+
+
+def verify_shards(key: str, shards: Sequence[Shard]) -> list[str]:
+    """sha256 of every local shard against its manifest entry (data.verify); returns the problems."""
+    problems = []
+    for s in shards:
+        if not _is_local(s.url):
+            continue
+        if not s.sha256:
+            problems.append(f"{key}: {s.url}: no sha256 in a manifest to check against (data.verify=true "
+                            "needs a jrm-prep manifest.json)")
+            continue
+        with open(s.url, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != s.sha256:
+            problems.append(f"{key}: shard {s.url}: sha256 {digest}, manifest says {s.sha256} (changed or damaged "
+                            "since jrm-prep wrote it; `jrm-prep verify` re-checks every record)")
+    return problems
 
 
 def shards_digest(shards: Sequence[Shard]) -> str:
@@ -216,16 +269,83 @@ def make_plan(shards: Sequence[Shard], *, epoch: int, slot: int, n_slots: int, s
 # ---- reading ------------------------------------------------------------------------------------
 
 class _Corrupt:
-    """Marker for a position that could not be read/decoded; ``reason`` says why."""
+    """Marker for a position without a usable record. ``entry`` says where and why (shard, offset, key,
+    reason); ``counted`` is False when the loss is already counted through another entry (a record
+    without its json is counted where its members are met; the position it leaves empty at the end of
+    the shard is not counted a second time). ``extra``: unusable members met on the way."""
 
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, entry: dict, counted: bool = True, extra: list[dict] | None = None):
+        self.entry, self.counted, self.extra = entry, counted, extra or []
+        self.reason = entry["reason"]
+
+
+def _entry(url: str, offset: int | None, key: str | None, reason: str) -> dict:
+    return {"shard": os.path.basename(url), "offset": offset, "key": key, "reason": reason}
+
+
+OPEN_GROUPS = 4  # records assembled at once: a stray member between two members of one record is tolerated
+
+
+def shard_records(stream, url: str) -> Iterator[tuple]:
+    """Assemble a shard's tar members into records by key (webdataset's key prefix: the member name up to
+    its first dot), tolerating unrelated members in between, and say what is not a record.
+
+    Yields ``("record", sample, unusable_before)`` per group that has a ``json`` member, in order, where
+    ``sample`` is ``{"__key__", "__offset__", field: bytes}`` and ``unusable_before`` lists the members
+    since the previous record that belong to no record (entries with shard, offset, key, reason); then
+    one ``("end", unusable_after, n_unusable, error)``; ``error`` is None or why the tar stopped reading.
+    """
+    open_: dict[str, dict] = {}
+    unusable: list[dict] = []
+    n_unusable = 0
+
+    def finish(g: dict):
+        nonlocal unusable, n_unusable
+        if "json" in g and not g.get("__dup__"):
+            out, unusable = ("record", g, unusable), []
+            return out
+        n_unusable += 1
+        why = f"field {g['__dup__']!r} twice" if g.get("__dup__") else \
+            f"no json member (members: {', '.join(sorted(k for k in g if not k.startswith('__'))) or 'none'})"
+        unusable.append(_entry(url, g["__offset__"], g["__key__"], f"not a record: {why}"))
+        return None
+
+    error = None
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for m in tar:
+            if not m.isreg():
+                continue
+            prefix, suffix = base_plus_ext(m.name)
+            data = tar.extractfile(m).read()
+            tar.members = []  # stream mode: do not keep every header
+            key = prefix if prefix is not None else m.name
+            g = open_.get(key)
+            if g is None:
+                g = open_[key] = {"__key__": os.path.basename(key), "__offset__": m.offset}
+                if len(open_) > OPEN_GROUPS:
+                    done = finish(open_.pop(next(iter(open_))))
+                    if done:
+                        yield done
+            field = (suffix or "").lower()
+            if field in g:
+                g["__dup__"] = field
+            g[field] = data
+    except Exception as exc:  # noqa: BLE001 - truncated or damaged tar: what was read still counts
+        error = f"{type(exc).__name__}: {exc}"
+    for g in list(open_.values()):
+        done = finish(g)
+        if done:
+            yield done
+    yield ("end", unusable, n_unusable, error)
 
 
 class SliceReader:
     """Reads the samples of a slice sequentially and hands them out in emission order.
 
-    Only positions still to be emitted are kept (at most about the shuffle buffer size)."""
+    Only positions still to be emitted are kept (at most about the shuffle buffer size). Position i of a
+    shard is its i-th record (see :func:`shard_records`): members that belong to no record do not shift
+    the records after them; each is reported once, with the record that follows it."""
 
     def __init__(self, plan: SlicePlan, cursor: int):
         self.plan = plan
@@ -235,51 +355,58 @@ class SliceReader:
         self.held: dict[int, Any] = {}
         self._shard: int | None = None
         self._it: Iterator | None = None
-        self._idx = 0            # index of the next sample the open iterator yields
+        self._idx = 0            # index of the next record the open iterator yields
+        self._end: tuple | None = None
         self._dead: str | None = None
         self._stream = None
 
     def _open(self, shard: int) -> None:
         self.close()
-        self._shard, self._idx, self._dead = shard, 0, None
+        self._shard, self._idx, self._end, self._dead = shard, 0, None, None
         url = self.plan.shards[shard].url
         try:
             self._stream = gopen(url, "rb")
-            self._it = self._group(tar_file_iterator(self._stream))
+            self._it = shard_records(self._stream, url)
         except Exception as exc:  # noqa: BLE001 - an unopenable shard makes its samples corrupt
             self._dead = f"cannot open shard {url}: {type(exc).__name__}: {exc}"
-
-    @staticmethod
-    def _group(files: Iterator[dict]) -> Iterator[dict]:
-        """Tar members -> samples (adjacent members with the same key)."""
-        current: dict | None = None
-        for f in files:
-            key, _, field = os.path.basename(f["fname"]).partition(".")
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            current[field.lower()] = f["data"]
-        if current is not None:
-            yield current
 
     def _read(self, shard: int, idx: int) -> Any:
         if self._shard != shard or self._idx > idx:
             self._open(shard)
-        url = self.plan.shards[shard].url
-        while self._dead is None and self._idx <= idx:
-            try:
-                sample = next(self._it)
-            except StopIteration:
-                self._dead = f"shard {url} ended after {self._idx} samples (manifest says {self.plan.shards[shard].count})"
+        url, count = self.plan.shards[shard].url, self.plan.shards[shard].count
+        if self._dead is not None:
+            return _Corrupt(_entry(url, None, None, self._dead))
+        while self._end is None and self._idx <= idx:
+            item = next(self._it)
+            if item[0] == "end":
+                self._end = item
                 break
-            except Exception as exc:  # noqa: BLE001 - truncated/corrupt tar
-                self._dead = f"shard {url} unreadable after sample {self._idx}: {type(exc).__name__}: {exc}"
-                break
+            _, sample, before = item
             self._idx += 1
             if self._idx - 1 == idx:
+                sample["__corrupt__"] = list(before)
+                if idx == count - 1:  # the shard's last position also reports what follows it
+                    sample["__corrupt__"] += self._drain(url, count)
                 return sample
-        return _Corrupt(self._dead or "unreadable")
+        _, after, n_unusable, error = self._end
+        have = self._idx
+        why = (f"no record at position {idx}: the tar stopped reading after {have} record(s) ({error})" if error
+               else f"no record at position {idx}: the shard has {have} record(s), the manifest says {count}")
+        # a record broken into unusable members was counted there; do not count the hole it left again
+        return _Corrupt(_entry(url, None, None, why), counted=idx - have >= n_unusable,
+                        extra=list(after) if idx == have else [])
+
+    def _drain(self, url: str, count: int) -> list[dict]:
+        extra = []
+        for item in self._it:
+            if item[0] == "end":
+                self._end = item
+                return extra + list(item[1])
+            extra += list(item[2])
+            extra.append(_entry(url, item[1]["__offset__"], item[1]["__key__"],
+                                f"record beyond the manifest's count of {count} for this shard"))
+            self._idx += 1
+        return extra
 
     def peek(self, x: int) -> Any:
         """The raw sample at slice position ``x`` (a dict of bytes) or a _Corrupt marker; kept."""
@@ -314,9 +441,35 @@ def decode_sample(raw: dict[str, bytes]) -> tuple[dict, dict[str, bytes]]:
         rec = json.loads(raw["json"])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"sample {key!r}: json record does not parse: {exc}") from None
-    images = {k: v for k, v in raw.items() if k not in ("__key__", "json")}
+    images = {k: v for k, v in raw.items() if not k.startswith("__") and k != "json"}
     validate_group(rec, set(images))
+    cap = image_pixel_cap()
+    for name in list(rec.get("source_images") or []) + [n for c in rec["candidates"] for n in c.get("images") or []]:
+        w, h = image_size(images[name], f"sample {key!r} field {name!r}")
+        if w * h > cap:
+            raise ValueError(f"sample {key!r} field {name!r}: {w}x{h} = {w * h / 1e6:.1f} Mpx is over jrm-prep's "
+                             f"decoded-pixel cap of {cap / 1e6:.1f} Mpx (PIL.Image.MAX_IMAGE_PIXELS); not decoded")
     return rec, images
+
+
+def image_pixel_cap() -> int:
+    """jrm-prep's decoded-pixel cap: data_prep.images.check_image turns Pillow's DecompressionBombWarning
+    into a reject, i.e. refuses more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels. The loader refuses the
+    same images (a hand-made or foreign shard can hold one) before decoding them."""
+    return int(Image.MAX_IMAGE_PIXELS)
+
+
+def image_size(data: bytes, what: str) -> tuple[int, int]:
+    """(width, height) from the image header only (Pillow opens lazily; no pixel is decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller applies the cap
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad headers
+        raise ValueError(f"{what}: cannot read the image header ({type(exc).__name__}: {exc})") from None
 
 
 # ---- dataset (runs in each DataLoader worker) -----------------------------------------------------
@@ -351,17 +504,17 @@ class GroupStream(IterableDataset):
                          n_slots=self.world_size * self.n_workers, seed=self.seed, bufsize=self.shuffle_buffer,
                          even=self.even, shuffle_shards=self.shuffle_shards)
 
-    def _encode(self, plan: SlicePlan, x: int, raw: Any) -> tuple[Any, str | None]:
-        """(encoded group, None) or (None, why it is corrupt: shard#index, key, reason)."""
-        shard, idx = plan.locate(x)
-        where = f"{os.path.basename(plan.shards[shard].url)}#{idx}"
+    def _encode(self, plan: SlicePlan, x: int, raw: Any) -> tuple[Any, dict | None]:
+        """(encoded group, None) or (None, why it is not usable: shard, offset, key, reason)."""
+        shard, _ = plan.locate(x)
         if isinstance(raw, _Corrupt):
-            return None, f"{where}: {raw.reason}"
+            return None, raw.entry
         try:
             rec, images = decode_sample(raw)
             return self.encode_fn(rec, images), None
         except (ValueError, KeyError, TypeError, OSError) as exc:
-            return None, f"{where} ({raw.get('__key__')}): {type(exc).__name__}: {exc}"
+            return None, _entry(plan.shards[shard].url, raw.get("__offset__"), raw.get("__key__"),
+                                f"{type(exc).__name__}: {exc}")
 
     def __iter__(self):
         info = get_worker_info()
@@ -376,11 +529,15 @@ class GroupStream(IterableDataset):
         try:
             while cursor < plan.length:
                 end = min(cursor + self.batch_size, plan.length)
-                groups, corrupt = [], []
+                groups, corrupt, uncounted = [], [], []
                 for x in plan.emission[cursor:end]:
-                    group, why = self._encode(plan, x, reader.get(x))
+                    raw = reader.get(x)
+                    corrupt += raw.extra if isinstance(raw, _Corrupt) else raw.get("__corrupt__", [])
+                    group, why = self._encode(plan, x, raw)
                     if why is None:
                         groups.append(group)
+                    elif isinstance(raw, _Corrupt) and not raw.counted:
+                        uncounted.append(why)
                     else:
                         corrupt.append(why)
                 substituted = 0
@@ -392,12 +549,12 @@ class GroupStream(IterableDataset):
                                                            for x in plan.emission[end:]) if why is None), None)
                     if last_good is None:
                         raise RuntimeError(f"rank {self.rank} worker slot {slot} epoch {self.epoch}: every sample "
-                                           f"of this slice is corrupt, e.g. {corrupt[:3]}")
+                                           f"of this slice is corrupt, e.g. {(corrupt + uncounted)[:3]}")
                     groups, substituted = [last_good], 1
                 batch = self.collate_fn(groups)
                 cursor = end
                 batch["loader"] = {"slot": slot, "cursor": cursor, "epoch": self.epoch, "corrupt": corrupt,
-                                   "substituted": substituted}
+                                   "uncounted": uncounted, "substituted": substituted}
                 yield batch
         finally:
             reader.close()
@@ -426,8 +583,9 @@ class StreamingLoader:
         self.cursors = [0] * self.dataset.n_workers
         self.next_slot = 0
         self.corrupt_samples = 0
+        self.epoch_corrupt = 0  # this epoch's (for data.max_corrupt_fraction)
         self.substituted_batches = 0
-        self.recent_corrupt: list[str] = []
+        self.corrupt_log: list[dict] = []  # what was skipped (shard, offset, key, reason), the last MAX_CORRUPT_LOG
 
     @classmethod
     def from_config(cls, data_cfg, processor, *, rank: int, world_size: int, shards: str | None = None,
@@ -469,15 +627,19 @@ class StreamingLoader:
             self.next_slot = (meta["slot"] + 1) % d.n_workers
             if meta["corrupt"]:
                 self.corrupt_samples += len(meta["corrupt"])
-                self.recent_corrupt = (self.recent_corrupt + meta["corrupt"])[-20:]
-                for msg in meta["corrupt"]:
-                    log.warning("skipped corrupt sample %s", msg)
+                self.epoch_corrupt += len(meta["corrupt"])
+                self.corrupt_log = (self.corrupt_log + meta["corrupt"])[-MAX_CORRUPT_LOG:]
+                for e in meta["corrupt"]:
+                    log.warning("skipped corrupt record: %s", json.dumps(e))
+            for e in meta["uncounted"]:
+                log.info("position without a record, counted with the unusable members above: %s", json.dumps(e))
             self.substituted_batches += meta["substituted"]
             yield batch
         self._next_epoch()
 
     def _next_epoch(self) -> None:
         self.epoch += 1
+        self.epoch_corrupt = 0
         self.cursors = [0] * self.dataset.n_workers
         self.next_slot = 0
 
@@ -499,6 +661,7 @@ class StreamingLoader:
             epoch, cursors, next_slot = epoch + 1, [0] * len(cursors), 0
         return {"version": STATE_VERSION, "rank": self.dataset.rank, "epoch": epoch, "cursors": cursors,
                 "next_slot": next_slot, "corrupt_samples": self.corrupt_samples,
+                "epoch_corrupt": self.epoch_corrupt if epoch == self.epoch else 0,
                 "substituted_batches": self.substituted_batches, **self._layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -510,6 +673,7 @@ class StreamingLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
         self.corrupt_samples = int(state.get("corrupt_samples", 0))
+        self.epoch_corrupt = int(state.get("epoch_corrupt", 0))
         self.substituted_batches = int(state.get("substituted_batches", 0))
         self.epoch = int(state["epoch"])
         old = {k: state.get(k) for k in self._layout()}
