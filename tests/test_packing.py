@@ -161,3 +161,90 @@ def test_packing_config_key(tmp_path):
         load_config(None, ["data.packing=rows"])
     with pytest.raises(ConfigError, match="data.packing=group needs model.attn_implementation=sdpa"):
         load_config(None, ["data.packing=group", "model.attn_implementation=eager"])
+
+
+# ----------------------------------------------------------------------------- trainer (2 ranks, ZeRO-3)
+DIST_STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_backbone, synthetic_shards, tmp_path_factory):
+    """Uninterrupted 20-step runs, unpacked and packed; then a packed run killed after step 9
+    (step 8 saved) and resumed to the end."""
+    from train_launch import base_overrides, spawn, steps
+
+    out = {}
+    for name, packing in (("none", "none"), ("group", "group")):
+        d = tmp_path_factory.mktemp(name) / "run"
+        r = spawn(base_overrides(tiny_backbone, synthetic_shards, d, steps=DIST_STEPS,
+                                 **{"data.packing": packing, "train.save_every": 4}))
+        assert r.codes == [0, 0], r.log
+        out[name] = steps(d)
+    d = tmp_path_factory.mktemp("resume") / "run"
+    ov = base_overrides(tiny_backbone, synthetic_shards, d, steps=DIST_STEPS,
+                        **{"data.packing": "group", "train.save_every": 4})
+    a = spawn(ov, faults="kill@9:0,kill@9:1")
+    assert a.codes == [-9, -9], a.log
+    b = spawn(ov)
+    assert b.codes == [0, 0], b.log
+    assert "step_00000008 at step 8" in b.log, b.log
+    out["resumed"] = steps(d)
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_packed_training_follows_the_unpacked_trajectory(runs):
+    ref, got = runs["none"], runs["group"]
+    assert sorted(got) == sorted(ref) == list(range(1, DIST_STEPS + 1))
+    for s in ref:
+        assert got[s]["keys"] == ref[s]["keys"]
+        for k in ("loss/total", "loss/rank", "loss/lm"):
+            assert got[s][k] == pytest.approx(ref[s][k], rel=1e-4, abs=1e-6), (s, k)
+        assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-3, abs=1e-6), s
+
+
+@pytest.mark.timeout(900)
+def test_packed_resume_is_bit_identical(runs):
+    ref, got = runs["group"], runs["resumed"]
+    assert sorted(got) == list(range(1, DIST_STEPS + 1))
+    for s in ref:
+        for k in ("loss/total", "loss/rank", "loss/lm", "grad_norm", "lr"):
+            assert got[s][k] == ref[s][k], (s, k, got[s][k], ref[s][k])  # exact, not approx
+        assert got[s]["keys"] == ref[s]["keys"]
+
+
+def test_plan_knows_packing():
+    """jrm-plan: the packed row holds each group's prefix (header + source image) once and no padding, so
+    tokens, images, activations and step time drop; the labelled tokens (LM loss) do not."""
+    from argparse import Namespace
+    from pathlib import Path
+
+    from jrm_dist import plan as P
+
+    root = Path(__file__).resolve().parents[1]
+    args = P.build_parser().parse_args(["--config", str(root / "configs/qwen2_5_vl_7b.yaml"), "--seq-len", "1024",
+                                        "--mean-seq-len", "800", "--candidates", "4"])
+    out = {}
+    for packing in ("none", "group"):
+        args.overrides = [f"data.packing={packing}"]
+        out[packing], text = P.run(args)
+        assert f"packing    {packing}" in text
+    cfg = P.load_config(str(root / "configs/qwen2_5_vl_7b.yaml"), ["data.packing=group"])
+    arch = P.load_arch(cfg.model.name)
+    w = P.workload_from(cfg, arch, args)
+    img = P.image_tokens_for(cfg.data.max_pixels, arch)
+    prefix = (img + 2) + P.PROMPT_HEADER_TOKENS
+    assert (w.shared_tokens, w.shared_images) == (prefix, 1)
+    assert w.tokens == w.groups * (prefix + 4 * (800 - prefix))  # prefix once, no padding
+    assert w.images == w.groups * (1 + 4 * 1)  # vs groups * 4 * 2 unpacked
+    none, group = out["none"], out["group"]
+    assert none["tokens_per_gpu"] == w.groups * 4 * 1024
+    assert group["tokens_per_gpu"] == w.tokens and group["patches_per_gpu"] < none["patches_per_gpu"]
+    assert group["activations_gib"] < none["activations_gib"]
+    assert group["step_s"] < none["step_s"] and group["max_micro_batch"] > none["max_micro_batch"]
+    assert group["loss_buffer_gib"] == none["loss_buffer_gib"]  # same labelled tokens
+    assert cfg.data.packing == "group"
+    # a mean sequence no longer than the shared prefix is an error naming the option
+    bad = Namespace(**{**vars(args), "mean_seq_len": 100, "overrides": ["data.packing=group"]})
+    with pytest.raises(P.PlanError, match="--mean-seq-len"):
+        P.run(bad)
