@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from jrm_dist.backbones import load_backbone
 from jrm_dist.losses import masked_lm_loss
+from jrm_dist.packed_attention import NAME as TREE_ATTENTION
 from jrm_dist.packed_attention import TreeMask, enable_tree_attention
 from jrm_dist.processing import IGNORE_INDEX, JRM_CONFIG, REWARD_TOKEN
 
@@ -216,6 +217,10 @@ class JointRewardModel(nn.Module):
             input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, mm_token_type_ids=mm,
             use_cache=False, **self._vision_kwargs(batch))
         return out.last_hidden_state
+
+    def supports_packing(self) -> bool:
+        """Packed batches (data.packing=group, data.packing.pack_for_scoring) need the text model on sdpa."""
+        return self.backbone.base_model.language_model.config._attn_implementation in ("sdpa", TREE_ATTENTION)
 
     def _packed_hidden(self, batch):
         """Hidden states of a group-packed row (jrm_dist.data.packing): distinct images encoded once,

@@ -67,9 +67,6 @@ class TreeMask:
         self._prefix, self._branch = prefix, branch
         self._block_mask = None
 
-    def to(self, *a, **k):  # transformers may try to move masks; indices are already on the row's device
-        return self
-
     # ------------------------------------------------------------------ implementations
     def gather_attention(self, q, k, v, scaling, dropout):
         """q [1, H, T, D], k/v [1, H, T, D] (kv heads already repeated) → [1, T, H, D]."""

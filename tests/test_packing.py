@@ -140,6 +140,7 @@ def test_packed_scoring_equals_unpacked(model, tiny_processor):
     groups = [_group(tiny_processor, f"g{i}", k, n, seed=80 + i) for i, (k, n) in enumerate([(4, 1), (2, 2), (3, 0)])]
     groups.append(_group(tiny_processor, "t", 3, 0, seed=90, text=True))
     encs = [c for g in groups for c in g.candidates]
+    assert model.supports_packing()
     ref_mu, ref_sigma = model.score(Collator(tiny_processor)(groups))
     perm = list(range(len(encs)))
     random.Random(0).shuffle(perm)
@@ -248,3 +249,12 @@ def test_plan_knows_packing():
     bad = Namespace(**{**vars(args), "mean_seq_len": 100, "overrides": ["data.packing=group"]})
     with pytest.raises(P.PlanError, match="--mean-seq-len"):
         P.run(bad)
+
+
+def test_packing_needs_sdpa(tiny_backbone, tiny_processor):
+    m = JointRewardModel.from_backbone(tiny_backbone, tiny_processor.reward_token_id, head_hidden=32,
+                                       attn_implementation="eager", lm_ce="reference")
+    assert not m.supports_packing()
+    batch = PackedCollator(tiny_processor)([_group(tiny_processor, "g", 2, 1, seed=1)])
+    with pytest.raises(ValueError, match="data.packing=group needs model.attn_implementation=sdpa"):
+        m(batch)

@@ -91,7 +91,7 @@ class _ImageTable:
         self.grids.append(grid)
 
 
-def pack(groups: Sequence[Sequence[Encoded]], merge: int, pad_id: int = 0) -> dict[str, Any]:
+def pack(groups: Sequence[Sequence[Encoded]], merge: int) -> dict[str, Any]:
     """Pack groups of candidates into one row. Candidates keep their order (group by group), so
     ``mu[i]``, ``reward_pos[i]`` and pair indices refer to the same candidate as in the unpacked batch."""
     ids, labels, mm = [], [], []
