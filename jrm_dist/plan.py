@@ -70,6 +70,9 @@ Step time and MFU. Model FLOPs per step (PaLM appendix B convention, causal atte
   peak that large GEMMs reach, 0.6 by default — an assumption, not a measurement);
   ZeRO-3 traffic per micro-step = 2·p·Ψ (two all-gathers) + g·Ψ_trainable (reduce-scatter) × (N-1)/N, over
   NVLink within a node or the per-GPU network bandwidth across nodes; stage 1/2: 2·g·Ψ_trainable per step.
+  Group packing (data.packing=group): the text stack sees groups·(P + K·(mean − P)) tokens (P = chat header +
+  the shared source images, no padding) and the vision tower encodes groups·(S + K·(I − S)) images (S shared
+  of I per sequence); attention spans a mean sequence instead of the padded length.
   step = max(compute, comm) with overlap_comm (else their sum) + the optimizer update
   (≈ 32 bytes per local trainable parameter through HBM). MFU = model FLOPs / (step time · N · peak).
 """

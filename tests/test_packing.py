@@ -258,3 +258,19 @@ def test_packing_needs_sdpa(tiny_backbone, tiny_processor):
     batch = PackedCollator(tiny_processor)([_group(tiny_processor, "g", 2, 1, seed=1)])
     with pytest.raises(ValueError, match="data.packing=group needs model.attn_implementation=sdpa"):
         m(batch)
+
+
+def test_loader_packs_when_configured(synthetic_shards, tiny_processor):
+    """data.packing=group reaches the loader: batches are one packed row; none keeps padded rows."""
+    from jrm_dist.config import load_config
+    from jrm_dist.data.loader import StreamingLoader
+
+    shapes = {}
+    for packing in ("none", "group"):
+        cfg = load_config(None, [f"data.train_shards={synthetic_shards['train']}", "data.groups_per_batch=2",
+                                 f"data.packing={packing}"])
+        b = next(iter(StreamingLoader.from_config(cfg.data, tiny_processor, rank=0, world_size=1)))
+        shapes[packing] = (tuple(b["input_ids"].shape), bool(b.get("packed")), b["keys"])
+    assert shapes["none"][1] is False and shapes["none"][0][0] > 2
+    assert shapes["group"][1] is True and shapes["group"][0][0] == 1
+    assert shapes["group"][2] == shapes["none"][2]  # same groups, same order
