@@ -356,7 +356,9 @@ def packing_worker(args) -> None:
         for i, groups in enumerate(data):
             order = list(cols) if i % 2 == 0 else list(cols)[::-1]  # interleave, alternate who goes first
             for m in order:
+                tc = time.perf_counter()
                 b = cols[m](groups)
+                tc = time.perf_counter() - tc
                 watch = _Stopwatch(model) if i >= 1 else None
                 t0 = time.perf_counter()
                 loss = joint_objective(model(b), b, cfg.loss, i)["loss"]
@@ -371,6 +373,7 @@ def packing_worker(args) -> None:
                     for name, v in watch.t.items():
                         fwd[m].setdefault(name, []).append(v)
                     fwd[m].setdefault("forward (all)", []).append(t_fwd)
+                    fwd[m].setdefault("collate (not in step)", []).append(tc)
                     st = stats[m]
                     st["tokens"] += b["input_ids"].numel()
                     st["padding"].append(padding_stats(b)["padding_fraction"])

@@ -70,6 +70,12 @@ def shared_prefix(cands: Sequence[Encoded], merge: int) -> tuple[int, int]:
     return p, n_img
 
 
+def _fingerprint(pv: torch.Tensor, grid: torch.Tensor) -> tuple:
+    """Cheap bucket key of an image (grid + sums of its first and last patch rows). Only buckets:
+    images are the same only if ``torch.equal`` says so (hashing every pixel cost more than the match)."""
+    return (tuple(grid.tolist()), float(pv[0].double().sum()), float(pv[-1].double().sum()))
+
+
 class _ImageTable:
     """Distinct images of a micro-batch (exact match on grid and pixels), in first-seen order."""
 
@@ -80,7 +86,7 @@ class _ImageTable:
         self.slots: list[int] = []  # distinct-image index of each image block of the packed row
 
     def add(self, pv: torch.Tensor, grid: torch.Tensor) -> None:
-        key = (tuple(grid.tolist()), hashlib.blake2b(pv.contiguous().numpy().tobytes(), digest_size=16).digest())
+        key = _fingerprint(pv, grid)
         for i in self.by_hash.get(key, []):
             if torch.equal(self.pixels[i], pv):
                 self.slots.append(i)
@@ -181,13 +187,11 @@ class PackedCollator:
 
 
 def _prefix_key(c: Encoded) -> tuple:
-    """Hashable identity of a candidate's shared prefix (tokens + prefix images)."""
+    """Bucket key of a candidate's shared prefix (tokens + fingerprints of its prefix images); ``pack``
+    checks real identity (``shared_prefix``) and shares nothing in a bucket that only collided."""
     p = c.prefix_len
-    h = hashlib.blake2b(c.input_ids[:p].numpy().tobytes(), digest_size=16)
-    for pv, g in _image_slices(c)[:c.prefix_images]:
-        h.update(g.numpy().tobytes())
-        h.update(pv.contiguous().numpy().tobytes())
-    return (p, c.prefix_images, h.digest())
+    imgs = tuple(_fingerprint(pv, g) for pv, g in _image_slices(c)[:c.prefix_images])
+    return (p, c.prefix_images, hashlib.blake2b(c.input_ids[:p].numpy().tobytes(), digest_size=16).digest(), imgs)
 
 
 def pack_for_scoring(encoded: Sequence[Encoded], processor: RewardProcessor | None = None,
