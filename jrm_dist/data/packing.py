@@ -29,8 +29,6 @@ import torch
 
 from jrm_dist.processing import IGNORE_INDEX, Encoded, RewardProcessor, dummy_vision_inputs
 
-PACKING_CHOICES = ("none", "group")
-
 
 def _image_slices(enc: Encoded) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(pixel rows, grid [3]) of each image of a candidate, in sequence order."""
