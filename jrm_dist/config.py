@@ -57,6 +57,7 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 64
     groups_per_batch: int = 2  # groups per micro-batch (all candidates of a group stay together)
+    packing: str = "none"  # none (one padded row per candidate) | group (one packed row: shared prefix once, no padding)
     seed: int = 0
     max_corrupt_fraction: float = 0.01  # abort when more than this fraction of an epoch's records are unusable
     verify: bool = False  # check every shard's sha256 against manifest.json before training (and in preflight)
@@ -160,6 +161,7 @@ _CHOICES = {
     "model.precision": ("fp32", "bf16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "model.lm_ce": ("auto", "reference"),
+    "data.packing": ("none", "group"),
     "loss.rank_mode": ("thurstone", "bt_expected", "bt"),
     "loss.ties": ("model", "ignore"),
     "loss.alpha_schedule": ("constant", "linear", "cosine"),
@@ -297,6 +299,9 @@ def validate(cfg: JRMConfig) -> JRMConfig:
         raise ConfigError("zero.offload_param needs zero.stage=3")
     if cfg.loss.ties == "model" and cfg.loss.tie_margin <= 0:
         raise ConfigError("loss.tie_margin must be > 0 when loss.ties=model")
+    if cfg.data.packing == "group" and cfg.model.attn_implementation in ("eager", "flash_attention_2"):
+        raise ConfigError(f"data.packing=group needs model.attn_implementation=sdpa (or auto resolving to sdpa), "
+                          f"not {cfg.model.attn_implementation}: packed rows run their own tree attention")
     return cfg
 
 

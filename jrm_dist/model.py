@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from jrm_dist.backbones import load_backbone
 from jrm_dist.losses import masked_lm_loss
+from jrm_dist.packed_attention import NAME as TREE_ATTENTION
+from jrm_dist.packed_attention import TreeMask, enable_tree_attention
 from jrm_dist.processing import IGNORE_INDEX, JRM_CONFIG, REWARD_TOKEN
 
 HEAD_WEIGHTS = "reward_head.safetensors"
@@ -237,12 +239,51 @@ class JointRewardModel(nn.Module):
             use_cache=False, **self._vision_kwargs(batch))
         return out.last_hidden_state
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Training path: mu, log_var, reward-token features, and the LM loss parts
-        (``lm_loss_sum`` over labelled tokens and their count ``lm_tokens``; the trainer normalises)."""
+    def supports_packing(self) -> bool:
+        """Packed batches (data.packing=group, data.packing.pack_for_scoring) need the text model on sdpa."""
+        return self.backbone.base_model.language_model.config._attn_implementation in ("sdpa", TREE_ATTENTION)
+
+    def _packed_hidden(self, batch):
+        """Hidden states of a group-packed row (jrm_dist.data.packing): distinct images encoded once,
+        each candidate's own MRoPE ids, tree attention (shared prefix, then own suffix only)."""
+        base = self.backbone.base_model
+        input_ids, mm = batch["input_ids"], batch["mm_token_type_ids"]
+        enable_tree_attention(base.language_model)
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        embeds = self.reward_head.token(embeds, input_ids == self.reward_token_id)
+        if batch.get("pixel_values") is not None:
+            feats = base.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+            pooled = getattr(feats, "pooler_output", feats)
+            img = torch.cat([pooled[i] for i in batch["image_index"].tolist()]).to(embeds.dtype)
+            where = (input_ids == base.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(where, img)
+        # 3-D MRoPE ids: the backbone's own get_rope_index on every candidate's unpacked sequence
+        idx = batch["pack_index"]
+        valid = idx >= 0
+        safe = idx.clamp(min=0)
+        pos_c, _ = base.get_rope_index(input_ids[0][safe], mm_token_type_ids=mm[0][safe] * valid,
+                                       image_grid_thw=batch.get("rope_image_grid_thw"), attention_mask=valid.long())
+        pos = torch.zeros((3, 1, input_ids.shape[1]), dtype=torch.long, device=input_ids.device)
+        pos[:, 0, safe[valid]] = pos_c[:, valid]
+        tree = TreeMask(batch["pack_prefix"], batch["pack_branch"], input_ids.shape[1])
+        text = base.language_model
+        masks = {t: tree for t in set(getattr(text.config, "layer_types", None) or ["full_attention"])}
+        out = text(inputs_embeds=embeds, position_ids=pos, attention_mask=masks, use_cache=False)
+        return out.last_hidden_state
+
+    def _hidden_and_feats(self, batch):
+        if batch.get("packed"):
+            hidden = self._packed_hidden(batch)
+            return hidden, hidden[0, batch["reward_pos"]]
         hidden = self._hidden(batch, batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"])
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        feats = hidden[rows, batch["reward_pos"]]
+        return hidden, hidden[rows, batch["reward_pos"]]
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Training path: mu, log_var, reward-token features, and the LM loss parts
+        (``lm_loss_sum`` over labelled tokens and their count ``lm_tokens``; the trainer normalises).
+        A group-packed batch (``batch["packed"]``) keeps the unpacked label layout, so the LM part is shared."""
+        hidden, feats = self._hidden_and_feats(batch)
         mu, log_var = self.reward_head(feats)
         zero = self._dummy_vision(batch, mu)
         mu = mu + zero
@@ -257,7 +298,12 @@ class JointRewardModel(nn.Module):
 
     @torch.no_grad()
     def score(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference path: the backbone up to the reward token only (no rationale, no LM head) → (mu, sigma)."""
+        """Inference path: the backbone up to the reward token only (no rationale, no LM head) → (mu, sigma).
+        Also takes a packed batch (``data.packing.pack_for_scoring``: an item's candidates share their prefix)."""
+        if batch.get("packed"):
+            _, feats = self._hidden_and_feats(batch)
+            mu, log_var = self.reward_head(feats)
+            return mu, torch.exp(0.5 * log_var)
         end = int(batch["reward_pos"].max()) + 1
         hidden = self._hidden(batch, batch["input_ids"][:, :end], batch["attention_mask"][:, :end],
                               batch["mm_token_type_ids"][:, :end])
@@ -268,6 +314,8 @@ class JointRewardModel(nn.Module):
     @torch.no_grad()
     def features(self, batch: dict[str, Any]) -> torch.Tensor:
         """Reward-token hidden states (fp32) on the prompt only, for the effective-rank analysis."""
+        if batch.get("packed"):
+            return self._hidden_and_feats(batch)[1].float()
         end = int(batch["reward_pos"].max()) + 1
         hidden = self._hidden(batch, batch["input_ids"][:, :end], batch["attention_mask"][:, :end],
                               batch["mm_token_type_ids"][:, :end])

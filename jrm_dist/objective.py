@@ -63,7 +63,9 @@ def joint_objective(out: dict[str, torch.Tensor], batch: dict[str, Any], cfg: Lo
 
 def local_items(batch: dict[str, Any], cfg: LossConfig) -> tuple[int, int]:
     """(rank pairs, labelled LM tokens) of one micro-batch, counted as joint_objective counts them.
-    The trainer all-reduces their sum over ranks and accumulation steps to get the step's divisors."""
+    The trainer all-reduces their sum over ranks and accumulation steps to get the step's divisors.
+    Also right for a group-packed batch: it keeps each candidate's labels at its own tokens and starts every
+    candidate on an unlabelled token, so the shifted count is the same (jrm_dist.data.packing)."""
     n_pairs = batch["win_idx"].numel()
     if cfg.ties == "ignore" and batch["tie"].numel():
         n_pairs = int((~batch["tie"]).sum())

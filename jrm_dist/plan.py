@@ -70,6 +70,9 @@ Step time and MFU. Model FLOPs per step (PaLM appendix B convention, causal atte
   peak that large GEMMs reach, 0.6 by default — an assumption, not a measurement);
   ZeRO-3 traffic per micro-step = 2·p·Ψ (two all-gathers) + g·Ψ_trainable (reduce-scatter) × (N-1)/N, over
   NVLink within a node or the per-GPU network bandwidth across nodes; stage 1/2: 2·g·Ψ_trainable per step.
+  Group packing (data.packing=group): the text stack sees groups·(P + K·(mean − P)) tokens (P = chat header +
+  the shared source images, no padding) and the vision tower encodes groups·(S + K·(I − S)) images (S shared
+  of I per sequence); attention spans a mean sequence instead of the padded length.
   step = max(compute, comm) with overlap_comm (else their sum) + the optimizer update
   (≈ 32 bytes per local trainable parameter through HBM). MFU = model FLOPs / (step time · N · peak).
 """
@@ -97,6 +100,9 @@ FUSED_CE_BLOCK_ELEMS = 1 << 20
 FUSED_CE_LIVE_TILES = 3
 BNB_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizer state block (one fp32 absmax per block and state)
 DS_SUB_GROUP = 1_000_000_000  # DeepSpeed zero_optimization.sub_group_size default
+# Chat-template tokens before the first image (Qwen2.5-VL system turn + "<|im_start|>user\n"), shared by a
+# group's candidates under data.packing=group together with the source images and their vision start/end tokens.
+PROMPT_HEADER_TOKENS = 20
 
 # name: (memory GiB as nvidia-smi reports, dense bf16 peak TFLOP/s, HBM TB/s, NVLink GB/s per GPU usable
 # by a collective, network GB/s per GPU across nodes)
@@ -321,10 +327,35 @@ class Workload:
     images_per_seq: int
     image_tokens: int  # merged tokens per image
     labelled: int  # rationale tokens per sequence (LM labels)
+    # data.packing=group: one packed row per micro-batch, no padding, each group's shared prefix (chat header +
+    # ``shared_images`` source images = ``shared_tokens``) once; sequences average ``mean_seq_len`` tokens.
+    packed: bool = False
+    shared_tokens: int = 0
+    shared_images: int = 0
+    mean_seq_len: int = 0  # 0: seq_len
 
     @property
     def seqs(self) -> int:
         return self.groups * self.candidates
+
+    @property
+    def attn_len(self) -> int:
+        """Keys a token attends to at most: the padded length, or (packed) a mean sequence."""
+        return (self.mean_seq_len or self.seq_len) if self.packed else self.seq_len
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the text stack processes per micro-batch (padding included when not packed)."""
+        if not self.packed:
+            return self.seqs * self.seq_len
+        return self.groups * (self.shared_tokens + self.candidates * (self.attn_len - self.shared_tokens))
+
+    @property
+    def images(self) -> int:
+        """Images the vision tower encodes per micro-batch (packed: each group's source images once)."""
+        if not self.packed:
+            return self.seqs * self.images_per_seq
+        return self.groups * (self.shared_images + self.candidates * (self.images_per_seq - self.shared_images))
 
 
 @dataclass
@@ -448,9 +479,9 @@ def _text_backward(cfg: JRMConfig) -> int:
 def activations(cfg: JRMConfig, a: Arch, w: Workload, ab: int) -> dict:
     ckpt = cfg.model.gradient_checkpointing
     attn = cfg.model.attn_implementation
-    tokens = w.seqs * w.seq_len
-    patches = w.seqs * w.images_per_seq * w.image_tokens * a.merge ** 2
-    per_layer = text_layer_act(a, ab, attn, w.seq_len) * tokens
+    tokens = w.tokens
+    patches = w.images * w.image_tokens * a.merge ** 2
+    per_layer = text_layer_act(a, ab, attn, w.attn_len) * tokens
     if _text_backward(cfg) == 0:
         text = 0.0  # nothing before the reward head needs a gradient: the frozen stack keeps no activations
     elif ckpt:
@@ -478,18 +509,18 @@ def loss_buffer(cfg: JRMConfig, a: Arch, w: Workload, ab: int, ce: str) -> float
     if ce == "reference":
         return 8 * n_lab * V + (4 * V * h if ab != 4 else 0)
     if ce == "full":
-        return (ab + 8) * w.seqs * w.seq_len * V
+        return (ab + 8) * w.tokens * V
     raise PlanError(f"--ce {ce!r}: expected fused, reference or full")
 
 
 def flops(cfg: JRMConfig, a: Arch, w: Workload, ce: str) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per micro-step per GPU."""
     inv = inventory(a, cfg.model.head_hidden)
-    tokens = w.seqs * w.seq_len
-    patches = w.seqs * w.images_per_seq * w.image_tokens * a.merge ** 2
+    tokens = w.tokens
+    patches = w.images * w.image_tokens * a.merge ** 2
     text_dense = param_count(inv, {"text"})
     text_mult = _text_backward(cfg) or 2
-    f_text = text_mult * text_dense * tokens + text_mult * a.layers * a.hidden * w.seq_len * tokens
+    f_text = text_mult * text_dense * tokens + text_mult * a.layers * a.hidden * w.attn_len * tokens
     lm_tokens = tokens if ce == "full" else w.seqs * w.labelled
     f_lm = 0.0 if cfg.loss.alpha == 0.0 and cfg.loss.alpha_schedule == "constant" else 6 * a.vocab * a.hidden * lm_tokens
     v_mult = 6 if _vision_trainable(cfg) and cfg.model.lora.r == 0 else (4 if _vision_trainable(cfg) else 2)
@@ -590,7 +621,9 @@ def plan(cfg: JRMConfig, a: Arch, w: Workload, c: Cluster, ce: str = "fused", ma
 
 
 def _with(w: Workload, groups: int) -> Workload:
-    return Workload(groups, w.candidates, w.seq_len, w.images_per_seq, w.image_tokens, w.labelled)
+    import dataclasses
+
+    return dataclasses.replace(w, groups=groups)
 
 
 def image_tokens_for(max_pixels: int, a: Arch) -> int:
@@ -605,7 +638,15 @@ def workload_from(cfg: JRMConfig, a: Arch, args) -> Workload:
         raise PlanError(f"{args.images_per_seq} images × {img} tokens (data.max_pixels={cfg.data.max_pixels}) do "
                         f"not fit in a {seq}-token sequence (data.max_length / --seq-len)")
     lab = 0 if not cfg.data.use_rationale else min(args.rationale_tokens, seq - args.images_per_seq * img)
-    return Workload(args.micro_batch or cfg.data.groups_per_batch, args.candidates, seq, args.images_per_seq, img, lab)
+    packed = cfg.data.packing == "group"
+    shared_images = min(getattr(args, "shared_images", 1), args.images_per_seq - 1) if packed else 0
+    mean = getattr(args, "mean_seq_len", None) or seq
+    if packed and not shared_images * img < mean <= seq:
+        raise PlanError(f"--mean-seq-len {mean}: must exceed the shared prefix ({shared_images} x {img} image tokens) "
+                        f"and be at most the sequence length {seq}")
+    return Workload(args.micro_batch or cfg.data.groups_per_batch, args.candidates, seq, args.images_per_seq, img, lab,
+                    packed=packed, shared_tokens=shared_images * (img + 2) + PROMPT_HEADER_TOKENS if packed else 0,
+                    shared_images=shared_images, mean_seq_len=mean if packed else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -621,6 +662,9 @@ def _fmt(p: dict, cfg: JRMConfig, a: Arch, c: Cluster, w: Workload, ce: str) -> 
         f"{'on' if cfg.model.gradient_checkpointing else 'off'}, LM CE {ce}",
         f"micro-batch {w.groups} group(s) x {w.candidates} candidates = {w.seqs} sequences x {w.seq_len} tokens "
         f"({w.images_per_seq} x {w.image_tokens} image tokens, {w.labelled} labelled) per GPU",
+        (f"packing    group: one row of {w.tokens} tokens, no padding (sequences ~{w.attn_len} tokens, each group's "
+         f"{w.shared_tokens}-token prefix with {w.shared_images} source image(s) once); {w.images} images encoded"
+         if w.packed else f"packing    none: {w.tokens} tokens (padded), {w.images} images encoded"),
         "",
         f"per GPU                          GiB",
         f"  parameters               {p['params_gib']:9.2f}",
@@ -671,6 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--images-per-seq", type=int, default=2, help="source + candidate image")
     ap.add_argument("--rationale-tokens", type=int, default=256, help="labelled LM tokens per sequence")
     ap.add_argument("--seq-len", type=int, help="tokens per sequence (default data.max_length)")
+    ap.add_argument("--mean-seq-len", type=int, help="data.packing=group: mean tokens per sequence (default --seq-len); "
+                    "packed rows carry no padding")
+    ap.add_argument("--shared-images", type=int, default=1, help="data.packing=group: source images per group "
+                    "(shared by its candidates)")
     ap.add_argument("--ce", choices=("auto", "fused", "reference", "full"), default="auto",
                     help="LM-loss implementation (auto: from model.lm_ce)")
     ap.add_argument("--margin", type=float, default=0.1, help="fraction of GPU memory kept free")

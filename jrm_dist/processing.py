@@ -43,6 +43,11 @@ class Encoded:
     reward_pos: int  # index of the reward token
     pixel_values: torch.Tensor | None  # [patches, C*T*P*P]
     image_grid_thw: torch.Tensor | None  # [n_images, 3]
+    # Shared-prefix boundary for group packing (jrm_dist.data.packing): the first ``prefix_len`` tokens
+    # (chat header, source image(s), and for text candidates the instruction) hold nothing of the
+    # candidate; they contain exactly the first ``prefix_images`` images. Always <= reward_pos.
+    prefix_len: int = 0
+    prefix_images: int = 0
 
 
 def open_image(data: bytes | Image.Image, what: str = "image") -> Image.Image:
@@ -146,7 +151,40 @@ class RewardProcessor:
         reward_pos = [i for i, t in enumerate(prompt_ids) if t == self.reward_token_id]
         assert len(reward_pos) == 1, "exactly one reward token per sequence"
         mm = (input_ids == self.image_token_id).to(torch.int32)
-        return Encoded(input_ids, labels, mm, reward_pos[0], pixel_values, grid)
+        prefix_len, prefix_images = self._prefix(ids, reward_pos[0], len(source_images), bool(candidate_images),
+                                                 instruction, len(images), grid)
+        return Encoded(input_ids, labels, mm, reward_pos[0], pixel_values, grid, prefix_len, prefix_images)
+
+    def _prefix(self, ids: list[int], reward_pos: int, n_source: int, has_cand_images: bool, instruction: str,
+                n_images: int, grid) -> tuple[int, int]:
+        """(prefix_len, prefix_images): where the candidate-specific tokens begin. With candidate images,
+        at the first candidate image block (its <|vision_start|> excluded from the prefix); otherwise at
+        the candidate text, found as the common token prefix with the prompt that has no candidate text
+        (a BPE merge across the boundary only shortens it). The collator re-checks token identity."""
+        runs, start = [], None  # [start, end) of each image-token block
+        for i, t in enumerate(ids + [-1]):
+            if t == self.image_token_id and start is None:
+                start = i
+            elif t != self.image_token_id and start is not None:
+                runs.append((start, i))
+                start = None
+        if has_cand_images:
+            p = runs[n_source][0]
+            vs = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+            if p > 0 and ids[p - 1] == vs:
+                p -= 1
+        else:
+            head = self.prompt_text(instruction, n_images, None).split(REWARD_TOKEN)[0]
+            if grid is not None:
+                parts = head.split(self.image_token)
+                counts = (grid.prod(-1) // self.merge**2).tolist()
+                head = parts[0] + "".join(self.image_token * n + q for n, q in zip(counts, parts[1:]))
+            head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"]
+            p = 0
+            while p < min(len(head_ids), len(ids)) and head_ids[p] == ids[p]:
+                p += 1
+        p = min(p, reward_pos)
+        return p, sum(1 for a, b in runs if b <= p)
 
 
 def dummy_vision_inputs(processor: RewardProcessor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -594,9 +594,11 @@ class StreamingLoader:
         import functools
 
         from jrm_dist.data.collate import Collator, encode_group
+        from jrm_dist.data.packing import PackedCollator
         enc = functools.partial(_encode, processor=processor, rank_by=data_cfg.rank_by,
                                 use_rationale=data_cfg.use_rationale, encode_group=encode_group)
-        return cls(shards or data_cfg.train_shards, enc, Collator(processor), batch_size=data_cfg.groups_per_batch,
+        collate = PackedCollator(processor) if data_cfg.packing == "group" else Collator(processor)
+        return cls(shards or data_cfg.train_shards, enc, collate, batch_size=data_cfg.groups_per_batch,
                    rank=rank, world_size=world_size, num_workers=data_cfg.num_workers, seed=data_cfg.seed,
                    shuffle_buffer=data_cfg.shuffle_buffer, **kw)
 
