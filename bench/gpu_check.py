@@ -791,19 +791,20 @@ def section_step(rep: Report, dev: torch.device, cpu: bool, budget: Budget, args
             backbone.set_attn_implementation("sdpa")
 
     # packed vs unpacked
-    if not has_packing:
-        rep.skip("packed vs unpacked", "jrm_dist.config.DataConfig has no `packing` field in this tree")
+    packed_collator = None
+    if has_packing:
+        try:
+            from jrm_dist.data.packing import PackedCollator as packed_collator
+        except ImportError as e:
+            rep.skip("packed vs unpacked", f"data.packing exists but jrm_dist.data.packing.PackedCollator does not ({e})")
     else:
-        import inspect
-
-        if "packing" not in inspect.signature(Collator).parameters:
-            rep.skip("packed vs unpacked", "data.packing exists but Collator(...) takes no `packing` argument; "
-                                           "the kit does not know how to build a packed batch")
-        elif budget.left() < 45:
+        rep.skip("packed vs unpacked", "jrm_dist.config.DataConfig has no `packing` field in this tree")
+    if packed_collator is not None:
+        if budget.left() < 45:
             rep.skip("packed vs unpacked", "time budget")
         else:
             with guarded(rep, "step packed"):
-                packed = to_dev(Collator(processor, packing="group")(groups))
+                packed = to_dev(packed_collator(processor)(groups))
                 train_step(packed)
                 t_p = time_fn(lambda: train_step(packed), dev, step_budget, min_reps=1 if cpu else 3, max_reps=10)
                 rep.result("joint_step_packed_vs_unpacked_pairs_per_s", n_groups / t_p, n_groups / t_step,

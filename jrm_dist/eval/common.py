@@ -115,9 +115,14 @@ class Scorer:
     def score_encoded(self, encoded: list) -> list[Score]:
         """Score already-encoded candidates in one forward (the caller sizes the batch). The single forward
         entry point; callers de-duplicate by ``encoded_key`` first, so equal inputs get one score."""
-        from jrm_dist.data.collate import EncodedGroup
+        if self.model.supports_packing():  # candidates with the same source share one prefix (data.packing)
+            from jrm_dist.data.packing import pack_for_scoring
 
-        batch = self.collator([EncodedGroup(str(i), [e], [], [], []) for i, e in enumerate(encoded)])
+            batch = pack_for_scoring(encoded, self.processor)
+        else:
+            from jrm_dist.data.collate import EncodedGroup
+
+            batch = self.collator([EncodedGroup(str(i), [e], [], [], []) for i, e in enumerate(encoded)])
         mu, sigma = self.model.score(self._to_device(batch))
         return [Score(float(m), float(s)) for m, s in zip(mu.float().cpu(), sigma.float().cpu())]
 
