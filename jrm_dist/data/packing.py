@@ -192,6 +192,13 @@ def _prefix_key(c: Encoded) -> tuple:
     return (p, c.prefix_images, hashlib.blake2b(c.input_ids[:p].numpy().tobytes(), digest_size=16).digest(), imgs)
 
 
+def shares_prefix(encoded: Sequence[Encoded]) -> bool:
+    """Whether packing would share anything: two candidates with the same prefix bucket. Scoring packs
+    only then, so a lone candidate is scored by the plain path (bit-equal to plain transformers)."""
+    keys = [_prefix_key(c) for c in encoded]
+    return len(set(keys)) < len(keys)
+
+
 def pack_for_scoring(encoded: Sequence[Encoded], processor: RewardProcessor | None = None,
                      merge: int | None = None) -> dict[str, Any]:
     """Pack already-encoded candidates for ``JointRewardModel.score``: candidates whose prefix tokens

@@ -115,9 +115,9 @@ class Scorer:
     def score_encoded(self, encoded: list) -> list[Score]:
         """Score already-encoded candidates in one forward (the caller sizes the batch). The single forward
         entry point; callers de-duplicate by ``encoded_key`` first, so equal inputs get one score."""
-        if self.model.supports_packing():  # candidates with the same source share one prefix (data.packing)
-            from jrm_dist.data.packing import pack_for_scoring
+        from jrm_dist.data.packing import pack_for_scoring, shares_prefix
 
+        if self.model.supports_packing() and shares_prefix(encoded):  # an item's candidates: one source prefix
             batch = pack_for_scoring(encoded, self.processor)
         else:
             from jrm_dist.data.collate import EncodedGroup
