@@ -218,13 +218,17 @@ class JointRewardModel(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training path: mu, log_var, reward-token features, and the LM loss parts
-        (``lm_loss_sum`` over labelled tokens and their count ``lm_tokens``; the trainer normalises)."""
+        (``lm_loss_sum`` over labelled tokens and their count ``lm_tokens``; the trainer normalises).
+        ``batch["labels"] = None`` (rank-only): the LM head is skipped, the LM parts are zeros."""
         hidden = self._hidden(batch, batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"])
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         feats = hidden[rows, batch["reward_pos"]]
         mu, log_var = self.reward_head(feats)
         zero = self._dummy_vision(batch, mu)
         mu = mu + zero
+        if batch.get("labels") is None:  # rank-only step (alpha = 0): the LM head is not called at all
+            return {"mu": mu, "log_var": log_var, "features": feats.float(), "lm_loss_sum": mu.new_zeros(()),
+                    "lm_tokens": torch.zeros((), dtype=torch.long, device=mu.device)}
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         keep = labels != IGNORE_INDEX
         h = hidden[:, :-1][keep]
