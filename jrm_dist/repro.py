@@ -1,0 +1,219 @@
+"""``make repro-toy`` / ``python -m jrm_dist.repro --config configs/repro_toy.yaml``: the JRM effect at toy scale.
+
+1. the pretrained tiny backbone (``jrm-make-tiny --pretrain``; cached);
+2. synthetic shards in a data-scarce regime (``repro.train_groups`` groups, a rationale on every
+   candidate) and a held-out set (``repro.eval_groups``), both from ``jrm-prep synthetic``;
+3. for every alpha in ``repro.alphas`` (0 = the rank-only baseline) and seed in ``repro.seeds``: one real
+   ``jrm-train`` launch, equal steps, all runs in one MLflow experiment (``<out>/mlflow.db``);
+4. each run's consolidated export is scored on the held-out groups: pairwise accuracy overall and per group
+   kind (``meta.kind``: colour = instruction following, quality = noise), effective rank and spectrum of the
+   reward-token features, calibration of P(A beats B) (metrics.calibration_metrics); logged to the run;
+5. ``jrm-report --sweep`` renders mean ± 95% CI per alpha and the plots into ``<out>/report``.
+
+A finished run (its ``repro_eval.json`` exists) is not trained again: re-running resumes the sweep.
+``--only-alphas`` / ``--only-seeds`` / overrides (``train.max_steps=...``) serve pilots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REPRO_DEFAULTS: dict[str, Any] = {
+    "out": "runs/repro-toy", "backbone": "runs/tiny-pretrained", "pretrain_steps": 600,
+    "alphas": [0.0, 0.1, 0.3, 0.5], "seeds": [0, 1, 2], "train_groups": 256, "train_quality_share": 0.25,
+    "eval_groups": 256, "eval_quality_share": 0.5, "rationale_style": "verdict_first", "nproc": 1,
+    "experiment": "repro-toy", "data_seed": 0, "eval_seed": 1,
+}
+EVAL_FILE = "repro_eval.json"
+
+
+def load(path: str, overrides: list[str]) -> tuple[dict, dict]:
+    """(repro settings, jrm-train config dict). Overrides: ``repro.KEY=V`` or any jrm-train dotted key."""
+    from jrm_dist.config import ConfigError, _merge, config_from_dict, parse_overrides
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = _merge(data, parse_overrides(overrides))
+    repro = dict(REPRO_DEFAULTS)
+    extra = set(data.get("repro") or {}) - set(REPRO_DEFAULTS)
+    if extra:
+        raise ConfigError(f"{path}: unknown repro keys {sorted(extra)} (valid: {sorted(REPRO_DEFAULTS)})")
+    repro.update(data.pop("repro", None) or {})
+    config_from_dict(data)  # fail early on a bad train config, naming the key
+    return repro, data
+
+
+def prepare_data(repro: dict) -> tuple[Path, Path]:
+    from data_prep.cli import main as prep
+
+    out = Path(repro["out"]) / "data"
+    train = out / f"train-{repro['train_groups']}-q{repro['train_quality_share']}-{repro['rationale_style']}"
+    ev = out / f"eval-{repro['eval_groups']}-q{repro['eval_quality_share']}"
+    for d, n, seed, q in ((train, repro["train_groups"], repro["data_seed"], repro["train_quality_share"]),
+                          (ev, repro["eval_groups"], repro["eval_seed"], repro["eval_quality_share"])):
+        if not (d / "manifest.json").exists():
+            code = prep(["synthetic", "--out", str(d), "--groups", str(n), "--seed", str(seed), "--quality-share",
+                         str(q), "--rationale-style", repro["rationale_style"], "--quiet"])
+            if code != 0:
+                raise SystemExit(f"jrm-prep synthetic failed for {d}")
+    return train, ev
+
+
+def run_name(alpha: float, seed: int) -> str:
+    return f"alpha{alpha:g}-seed{seed}"
+
+
+def train_one(repro: dict, train_cfg: Path, train: Path, alpha: float, seed: int, uri: str) -> Path:
+    out = Path(repro["out"]) / "runs" / run_name(alpha, seed)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(repro["nproc"]),
+           "-m", "jrm_dist.train", "--config", str(train_cfg), f"model.name={repro['backbone']}",
+           f"data.train_shards={train}", "data.eval_shards=", f"loss.alpha={alpha}", f"train.seed={seed}",
+           f"data.seed={seed}", f"train.output_dir={out}", f"tracking.uri={uri}",
+           f"tracking.experiment={repro['experiment']}", f"tracking.run_name={run_name(alpha, seed)}",
+           "--resume", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore",
+           "TOKENIZERS_PARALLELISM": "false"}
+    log = out.parent / f"{run_name(alpha, seed)}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"jrm-train failed for {run_name(alpha, seed)} (exit {p.returncode}); see {log}")
+    return out
+
+
+@torch.no_grad()
+def evaluate_export(export: Path, shards: Path, rank_mode: str, batch_groups: int = 16) -> dict:
+    """Score held-out groups with the exported model (reward head only, prompt-only sequences):
+    accuracy overall and per ``meta.kind``, effective rank + spectrum of the reward features, and
+    calibration of P(A beats B) on decided pairs (A = the lower candidate index)."""
+    from jrm_dist.data.collate import Collator, encode_group
+    from jrm_dist.metrics import calibration_metrics, effective_rank, singular_values, win_probability
+    from jrm_dist.model import JointRewardModel
+    from jrm_dist.processing import RewardProcessor
+
+    proc = RewardProcessor.from_pretrained(str(export))
+    model = JointRewardModel.from_pretrained(str(export)).eval()
+    col = Collator(proc)
+    recs = list(_read_groups(shards))
+    hits: dict[str, list[int]] = {}
+    p_win, outcome, feats = [], [], []
+    for i in range(0, len(recs), batch_groups):
+        chunk = recs[i:i + batch_groups]
+        b = col([encode_group(proc, r, im, use_rationale=False) for r, im in chunk])
+        mu, sigma = model.score(b)
+        feats.append(model.features(b))
+        gi = b["group_index"]
+        for w, l, t in zip(b["win_idx"].tolist(), b["lose_idx"].tolist(), b["tie"].tolist()):
+            if t:
+                continue
+            kind = chunk[int(gi[w])][0].get("meta", {}).get("kind", "all")
+            hits.setdefault(kind, []).append(int(mu[w] > mu[l]))
+            a, c = min(w, l), max(w, l)
+            p_win.append(float(win_probability(mu[a], sigma[a], mu[c], sigma[c], mode=rank_mode)))
+            outcome.append(1.0 if a == w else 0.0)
+    f = torch.cat(feats)
+    allhits = [h for v in hits.values() for h in v]
+    cal = calibration_metrics(torch.tensor(p_win), torch.tensor(outcome))
+    res = {"eval/accuracy": sum(allhits) / len(allhits), "eval/effective_rank": effective_rank(f),
+           "eval/groups": float(len(recs)),
+           **{f"eval/accuracy/{k}": sum(v) / len(v) for k, v in sorted(hits.items())},
+           **{f"eval/{k}": float(v) for k, v in cal.items() if k != "n"}, "eval/pairs": float(cal["n"])}
+    s = singular_values(f)
+    return {"metrics": res, "spectrum": (s / s.sum()).tolist()}
+
+
+def _read_groups(shards: Path):
+    """(record, images) of every group in the shards, in manifest order."""
+    from data_prep.shards import iter_tar_samples
+    from jrm_dist.data.loader import decode_sample
+
+    man = json.loads((shards / "manifest.json").read_text())
+    for entry in man["shards"]:
+        for sample in iter_tar_samples(str(shards / entry["name"])):
+            yield decode_sample(sample)
+
+
+def log_to_run(uri: str, experiment: str, name: str, result: dict, path: Path) -> str:
+    """Add the held-out metrics and the spectrum file to the run's MLflow record (batch logging)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise SystemExit(f"no MLflow run named {name} in experiment {experiment} at {uri}")
+    rid = runs[0].info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in result["metrics"].items()])
+    client.log_artifact(rid, str(path))
+    return rid
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="jrm-repro", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "repro_toy.yaml"))
+    ap.add_argument("overrides", nargs="*", help="repro.KEY=V or jrm-train dotted keys (train.max_steps=...)")
+    ap.add_argument("--only-alphas", type=float, nargs="*", default=None)
+    ap.add_argument("--only-seeds", type=int, nargs="*", default=None)
+    ap.add_argument("--no-report", action="store_true")
+    a = ap.parse_args(argv)
+    t_all = time.time()
+    repro, train_dict = load(a.config, a.overrides)
+    out = Path(repro["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    t0 = time.time()
+    from jrm_dist.pretrain import pretrain_tiny_backbone
+
+    pretrain_tiny_backbone(repro["backbone"], steps=int(repro["pretrain_steps"]), threads=1)
+    print(f"[repro] backbone {repro['backbone']} ready ({time.time() - t0:.0f}s)", flush=True)
+    train, ev = prepare_data(repro)
+    train_cfg = out / "train_config.yaml"
+    train_cfg.write_text(yaml.safe_dump(train_dict, sort_keys=False))
+    alphas = a.only_alphas if a.only_alphas is not None else repro["alphas"]
+    seeds = a.only_seeds if a.only_seeds is not None else repro["seeds"]
+    timings = {}
+    for seed in seeds:  # seeds outermost: a cut-short sweep still has every alpha for the first seeds
+        for alpha in alphas:
+            name = run_name(float(alpha), int(seed))
+            run_dir = out / "runs" / name
+            if (run_dir / EVAL_FILE).exists():
+                print(f"[repro] {name}: done already, kept", flush=True)
+                continue
+            t0 = time.time()
+            train_one(repro, train_cfg, train, float(alpha), int(seed), uri)
+            t1 = time.time()
+            res = evaluate_export(run_dir / "export", ev, train_dict.get("loss", {}).get("rank_mode", "thurstone"))
+            res.update({"alpha": float(alpha), "seed": int(seed), "train_s": round(t1 - t0, 1),
+                        "eval_s": round(time.time() - t1, 1)})
+            (run_dir / EVAL_FILE).write_text(json.dumps(res, indent=2))
+            log_to_run(uri, repro["experiment"], name, res, run_dir / EVAL_FILE)
+            timings[name] = time.time() - t0
+            m = res["metrics"]
+            print(f"[repro] {name}: acc {m['eval/accuracy']:.3f} (colour {m.get('eval/accuracy/colour', float('nan')):.3f}, "
+                  f"quality {m.get('eval/accuracy/quality', float('nan')):.3f}), eff. rank "
+                  f"{m['eval/effective_rank']:.2f}, ECE {m['eval/ece']:.3f}; train {t1 - t0:.0f}s, "
+                  f"eval {time.time() - t1:.0f}s", flush=True)
+    print(f"[repro] sweep done in {time.time() - t_all:.0f}s", flush=True)
+    if not a.no_report:
+        from jrm_dist.report import main as report
+
+        return report(["--tracking-uri", uri, "--experiment", repro["experiment"], "--sweep",
+                       "--plots", str(out / "report"), "--out", str(out / "report" / "report.md")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
