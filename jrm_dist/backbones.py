@@ -167,14 +167,15 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 2; 4 with --pretrain)")
     ap.add_argument("--pretrain", action="store_true",
                     help="pre-train on synthetic captions / Q&A (jrm_dist.pretrain); reused when already done")
-    ap.add_argument("--steps", type=int, default=1500, help="--pretrain: optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=32, help="--pretrain: samples per step")
+    ap.add_argument("--steps", type=int, default=500, help="--pretrain: optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=48, help="--pretrain: samples per step")
+    ap.add_argument("--threads", type=int, default=1, help="--pretrain: torch threads (1 is fastest on a busy 2-core box)")
     a = ap.parse_args(argv)
     if a.pretrain:
         from jrm_dist.pretrain import pretrain_tiny_backbone
 
         print(pretrain_tiny_backbone(a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed,
-                                     hidden=a.hidden or 128, layers=a.layers or 4))
+                                     hidden=a.hidden or 128, layers=a.layers or 4, threads=a.threads))
         return
     print(build_tiny_backbone(a.out, seed=a.seed, hidden=a.hidden or 64, layers=a.layers or 2))
 

@@ -88,7 +88,7 @@ def make_sample(rng: random.Random, size: int = IMAGE_SIZE) -> Sample:
     if two:  # an edit's layout: the grey source first, the result last
         images = [_png(size, box, SOURCE_GREY), img]
     pos, sz, noise = _position(box, size), _size_word(side, size), QUALITY_WORDS[quality]
-    kind = rng.choice(("caption", "caption", "colour", "position", "size", "noise"))
+    kind = rng.choice(("caption", "caption", "colour", "colour", "position", "size", "noise"))
     answer = {"caption": f"A {sz} {colour} square at the {pos}, {noise}.", "colour": colour, "position": pos,
               "size": sz, "noise": noise}[kind]
     return Sample(images, QUESTIONS[kind] + (LAST if two else ""), answer, kind, colour)
@@ -201,7 +201,7 @@ def evaluate(model, enc: Encoder, n: int = 256, seed: int = 10_000) -> dict:
     return res
 
 
-def pretrain_tiny_backbone(out_dir: str | Path, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3,
+def pretrain_tiny_backbone(out_dir: str | Path, steps: int = 500, batch_size: int = 48, lr: float = 2e-3,
                            seed: int = 0, hidden: int = 128, layers: int = 4, vision_hidden: int = 64,
                            eval_samples: int = 256, log_every: int = 100, threads: int | None = None) -> Path:
     """Build a (larger) tiny Qwen2.5-VL with a caption-aware tokenizer, pre-train it, evaluate, save.
@@ -227,7 +227,7 @@ def pretrain_tiny_backbone(out_dir: str | Path, steps: int = 1500, batch_size: i
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1))))
+        opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1))))
     rng = random.Random(f"jrm-pretrain:{seed}")
     model.train()
     ema = None

@@ -144,13 +144,16 @@ def sweep_plots(rows: list["RunRow"], out_dir: str, tracking_uri: str | None = N
     try:
         from mlflow.tracking import MlflowClient
 
+        import tempfile
+
         client = MlflowClient(tracking_uri=tracking_uri)
-        for r in rows:
-            try:
-                local = client.download_artifacts(r.run_id, "repro_eval.json", str(out / "_artifacts" / r.run_id))
-            except Exception:  # noqa: BLE001 - a run without the artifact simply has no spectrum
-                continue
-            spectra.setdefault(r.alpha, []).append(json.loads(Path(local).read_text())["spectrum"])
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in rows:
+                try:
+                    local = client.download_artifacts(r.run_id, "repro_eval.json", tmp)
+                except Exception:  # noqa: BLE001 - a run without the artifact simply has no spectrum
+                    continue
+                spectra.setdefault(r.alpha, []).append(json.loads(Path(local).read_text())["spectrum"])
     except ImportError:
         pass
     if spectra:

@@ -29,7 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 REPRO_DEFAULTS: dict[str, Any] = {
-    "out": "runs/repro-toy", "backbone": "runs/tiny-pretrained", "pretrain_steps": 600,
+    "out": "runs/repro-toy", "backbone": "runs/tiny-pretrained", "pretrain_steps": 500,
     "alphas": [0.0, 0.1, 0.3, 0.5], "seeds": [0, 1, 2], "train_groups": 256, "train_quality_share": 0.25,
     "eval_groups": 256, "eval_quality_share": 0.5, "rationale_style": "verdict_first", "nproc": 1,
     "experiment": "repro-toy", "data_seed": 0, "eval_seed": 1,
@@ -110,8 +110,10 @@ def evaluate_export(export: Path, shards: Path, rank_mode: str, batch_groups: in
     for i in range(0, len(recs), batch_groups):
         chunk = recs[i:i + batch_groups]
         b = col([encode_group(proc, r, im, use_rationale=False) for r, im in chunk])
-        mu, sigma = model.score(b)
-        feats.append(model.features(b))
+        f = model.features(b)  # the reward-token states on the prompt only; the head on them = model.score
+        mu, log_var = model.reward_head(f)
+        sigma = torch.exp(0.5 * log_var)
+        feats.append(f)
         gi = b["group_index"]
         for w, l, t in zip(b["win_idx"].tolist(), b["lose_idx"].tolist(), b["tie"].tolist()):
             if t:
@@ -170,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-report", action="store_true")
     a = ap.parse_args(argv)
     t_all = time.time()
+    torch.set_num_threads(1)  # scoring and pre-training: one thread is fastest on a busy 2-core machine
     repro, train_dict = load(a.config, a.overrides)
     out = Path(repro["out"])
     out.mkdir(parents=True, exist_ok=True)
