@@ -109,3 +109,13 @@ def test_t_interval_and_sweep_table():
     md = render_sweep(rows)
     assert "| 0 (rank-only) | 3 |" in md and "| 0.3 | 3 |" in md
     assert f"{100 * (0.65 + 0.01):.1f} ± {100 * 4.303 * 0.01 / math.sqrt(3):.1f}" in md  # alpha 0.3, all
+
+
+def test_sweep_plots_write_pngs(tmp_path):
+    from jrm_dist.report import RunRow, sweep_plots
+
+    rows = [RunRow(f"r{a}{s}", f"alpha{a}-seed{s}", "e", "bb", a, "bt", "FINISHED",
+                   {"heldout_acc": 0.6, "acc_colour": 0.5 + s / 10, "acc_quality": 0.7, "eff_rank": 2.0 + a})
+            for a in (0.0, 0.5) for s in range(2)]
+    paths = sweep_plots(rows, str(tmp_path), tracking_uri=f"sqlite:///{tmp_path / 'none.db'}")
+    assert paths and all(p.endswith(".png") and (tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
