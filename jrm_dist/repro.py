@@ -134,6 +134,69 @@ def evaluate_export(export: Path, shards: Path, rank_mode: str, batch_groups: in
     return {"metrics": res, "spectrum": (s / s.sum()).tolist()}
 
 
+@torch.no_grad()
+def probe_export(export: Path, shards: Path, batch_groups: int = 16) -> dict:
+    """What the reward-token state can see: a linear probe (logistic regression, fitted on half of the
+    colour groups' candidates, tested on the other half) for "this candidate follows the instruction",
+    read at the reward token and at the last prompt position (where the LM predicts the first rationale
+    token), the LM's own verdict there ("Follows" vs "Does", the first token of a verdict-first rationale),
+    and the trained reward head's pair accuracy on the same test half."""
+    from jrm_dist.data.collate import Collator, encode_group
+    from jrm_dist.model import JointRewardModel
+    from jrm_dist.processing import RewardProcessor
+
+    proc = RewardProcessor.from_pretrained(str(export))
+    model = JointRewardModel.from_pretrained(str(export)).eval()
+    col = Collator(proc)
+    recs = [(r, im) for r, im in _read_groups(shards) if r.get("meta", {}).get("kind") == "colour"]
+    x_rew, x_last, y, grp, logits = [], [], [], [], []
+    # first token of a verdict-first rationale: "Follows..." vs "Does not follow..."
+    verdict_ids = [proc.tokenizer("Follows", add_special_tokens=False)["input_ids"][0],
+                   proc.tokenizer("Does", add_special_tokens=False)["input_ids"][0]]
+    for i in range(0, len(recs), batch_groups):
+        chunk = recs[i:i + batch_groups]
+        b = col([encode_group(proc, r, im, use_rationale=False) for r, im in chunk])
+        h = model._hidden(b, b["input_ids"], b["attention_mask"], b["mm_token_type_ids"])
+        rows = torch.arange(h.shape[0])
+        x_rew.append(h[rows, b["reward_pos"]].float())
+        last = h[rows, b["attention_mask"].sum(1) - 1]
+        x_last.append(last.float())
+        logits.append(model.backbone.get_output_embeddings()(last)[:, verdict_ids].float())
+        y += [float(c["scores"]["instruction_following"] > 1) for r, _ in chunk for c in r["candidates"]]
+        grp += [i + int(g) for g in b["group_index"]]
+    y_t, grp_t = torch.tensor(y), torch.tensor(grp)
+    test = (grp_t % 2) == 1  # whole groups on one side
+
+    def probe(x):
+        x = (x - x[~test].mean(0)) / (x[~test].std(0) + 1e-6)
+        w = torch.zeros(x.shape[1], requires_grad=True)
+        bias = torch.zeros((), requires_grad=True)
+        opt = torch.optim.LBFGS([w, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            with torch.enable_grad():
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(x[~test] @ w + bias, y_t[~test])
+                loss = loss + 1e-2 * (w * w).sum()
+                loss.backward()
+            return loss
+        with torch.enable_grad():
+            opt.step(closure)
+        return float(((x[test] @ w + bias > 0).float() == y_t[test]).float().mean())
+    xr, xl = torch.cat(x_rew), torch.cat(x_last)
+    mu, _ = model.reward_head(xr)
+    pair_acc = []
+    for gi in grp_t[test].unique():
+        idx = (grp_t == gi).nonzero().flatten()
+        win = idx[y_t[idx] == 1]
+        lose = idx[y_t[idx] == 0]
+        pair_acc += [float(mu[w] > mu[l]) for w in win for l in lose]
+    lm_verdict = float(((torch.cat(logits).argmax(1) == 0).float() == y_t).float().mean())
+    return {"lm_verdict_accuracy_at_last_prompt_token": lm_verdict, "probe_follows_at_reward_token": probe(xr), "probe_follows_at_last_prompt_token": probe(xl),
+            "head_pair_accuracy_test_half": sum(pair_acc) / max(len(pair_acc), 1),
+            "candidates": len(y), "test_candidates": int(test.sum())}
+
+
 def _read_groups(shards: Path):
     """(record, images) of every group in the shards, in manifest order."""
     from data_prep.shards import iter_tar_samples
@@ -163,6 +226,20 @@ def log_to_run(uri: str, experiment: str, name: str, result: dict, path: Path) -
     return rid
 
 
+def probe_runs(out: Path, ev: Path) -> int:
+    keys = ("lm_verdict_accuracy_at_last_prompt_token", "probe_follows_at_reward_token",
+            "probe_follows_at_last_prompt_token", "head_pair_accuracy_test_half")
+    print("| run | LM verdict at last prompt token | probe at reward token | probe at last prompt token | "
+          "reward head (test half) |\n|---|---:|---:|---:|---:|")
+    for run_dir in sorted((out / "runs").glob("alpha*")):
+        if not (run_dir / EVAL_FILE).exists():
+            continue
+        res = probe_export(run_dir / "export", ev)
+        (run_dir / "probe.json").write_text(json.dumps(res, indent=2))
+        print(f"| {run_dir.name} | " + " | ".join(f"{100 * res[k]:.1f}" for k in keys) + " |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jrm-repro", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "repro_toy.yaml"))
@@ -170,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only-alphas", type=float, nargs="*", default=None)
     ap.add_argument("--only-seeds", type=int, nargs="*", default=None)
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--probe", action="store_true",
+                    help="only probe the finished runs (probe_export -> <run>/probe.json) and print a table")
     a = ap.parse_args(argv)
     t_all = time.time()
     torch.set_num_threads(1)  # scoring and pre-training: one thread is fastest on a busy 2-core machine
@@ -183,6 +262,8 @@ def main(argv=None) -> int:
     pretrain_tiny_backbone(repro["backbone"], steps=int(repro["pretrain_steps"]), threads=1)
     print(f"[repro] backbone {repro['backbone']} ready ({time.time() - t0:.0f}s)", flush=True)
     train, ev = prepare_data(repro)
+    if a.probe:
+        return probe_runs(out, ev)
     train_cfg = out / "train_config.yaml"
     train_cfg.write_text(yaml.safe_dump(train_dict, sort_keys=False))
     alphas = a.only_alphas if a.only_alphas is not None else repro["alphas"]

@@ -119,3 +119,15 @@ def test_sweep_plots_write_pngs(tmp_path):
             for a in (0.0, 0.5) for s in range(2)]
     paths = sweep_plots(rows, str(tmp_path), tracking_uri=f"sqlite:///{tmp_path / 'none.db'}")
     assert paths and all(p.endswith(".png") and (tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
+
+
+def test_probe_export_reports_what_the_reward_token_sees(jrm_checkpoint, synthetic_shards):
+    from pathlib import Path
+
+    from jrm_dist.repro import probe_export
+
+    res = probe_export(Path(jrm_checkpoint), Path(synthetic_shards["eval"]))
+    for k in ("lm_verdict_accuracy_at_last_prompt_token", "probe_follows_at_reward_token",
+              "probe_follows_at_last_prompt_token", "head_pair_accuracy_test_half"):
+        assert 0.0 <= res[k] <= 1.0, k
+    assert 0 < res["test_candidates"] < res["candidates"] and res["candidates"] % 2 == 0
