@@ -169,13 +169,16 @@ def main(argv=None) -> None:
                     help="pre-train on synthetic captions / Q&A (jrm_dist.pretrain); reused when already done")
     ap.add_argument("--steps", type=int, default=500, help="--pretrain: optimizer steps")
     ap.add_argument("--batch-size", type=int, default=48, help="--pretrain: samples per step")
+    ap.add_argument("--yes-no", action="store_true",
+                    help="--pretrain: add 'Is the square <colour>?' questions (read a colour word, check the image)")
     ap.add_argument("--threads", type=int, default=1, help="--pretrain: torch threads (1 is fastest on a busy 2-core box)")
     a = ap.parse_args(argv)
     if a.pretrain:
         from jrm_dist.pretrain import pretrain_tiny_backbone
 
         print(pretrain_tiny_backbone(a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed,
-                                     hidden=a.hidden or 128, layers=a.layers or 4, threads=a.threads))
+                                     hidden=a.hidden or 128, layers=a.layers or 4, threads=a.threads,
+                                     yes_no=a.yes_no))
         return
     print(build_tiny_backbone(a.out, seed=a.seed, hidden=a.hidden or 64, layers=a.layers or 2))
 

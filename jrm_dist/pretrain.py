@@ -44,9 +44,14 @@ QUESTIONS = {
 LAST = " Answer about the last image."
 
 
-def caption_corpus() -> list[str]:
+YES_NO = "Is the square {}?"
+
+
+def caption_corpus(yes_no: bool = False) -> list[str]:
     """Sentences that put every caption / answer word into the tiny tokenizer's BPE vocabulary."""
     out = [QUESTIONS[k] + LAST for k in QUESTIONS]
+    if yes_no:
+        out += [YES_NO.format(c) + " yes no" for c in COLOUR_WORDS]
     for c in COLOUR_WORDS:
         for r in ROWS:
             out.append(f"A large {c} square at the {r} left, clean. A small {c} square, medium, noisy.")
@@ -75,8 +80,10 @@ def _size_word(side: int, size: int) -> str:
     return "small" if f < 0.43 else ("medium" if f < 0.55 else "large")
 
 
-def make_sample(rng: random.Random, size: int = IMAGE_SIZE) -> Sample:
-    """One image (or source + edited pair) and a caption or a question with its answer."""
+def make_sample(rng: random.Random, size: int = IMAGE_SIZE, yes_no: bool = False) -> Sample:
+    """One image (or source + edited pair) and a caption or a question with its answer. ``yes_no`` adds
+    "Is the square <colour>?" questions (half true): reading a colour word in the prompt and checking
+    it against the image, which the other questions never ask for."""
     colour = rng.choice(list(COLOUR_WORDS))
     quality = rng.choice(list(NOISE_BY_QUALITY))
     side = rng.randint(size // 3, size * 2 // 3)  # the same range as the preference task
@@ -88,7 +95,12 @@ def make_sample(rng: random.Random, size: int = IMAGE_SIZE) -> Sample:
     if two:  # an edit's layout: the grey source first, the result last
         images = [_png(size, box, SOURCE_GREY), img]
     pos, sz, noise = _position(box, size), _size_word(side, size), QUALITY_WORDS[quality]
-    kind = rng.choice(("caption", "caption", "colour", "colour", "position", "size", "noise"))
+    kinds = ("caption", "caption", "colour", "colour", "position", "size", "noise")
+    kind = rng.choice(kinds + (("yes_no",) * 3 if yes_no else ()))
+    if kind == "yes_no":
+        named = colour if rng.random() < 0.5 else rng.choice([c for c in COLOUR_WORDS if c != colour])
+        return Sample(images, YES_NO.format(named) + (LAST if two else ""), "yes" if named == colour else "no",
+                      kind, colour)
     answer = {"caption": f"A {sz} {colour} square at the {pos}, {noise}.", "colour": colour, "position": pos,
               "size": sz, "noise": noise}[kind]
     return Sample(images, QUESTIONS[kind] + (LAST if two else ""), answer, kind, colour)
@@ -176,11 +188,11 @@ def greedy_answers(model, enc: Encoder, samples: list[Sample], max_new: int = 16
     return out
 
 
-def evaluate(model, enc: Encoder, n: int = 256, seed: int = 10_000) -> dict:
+def evaluate(model, enc: Encoder, n: int = 256, seed: int = 10_000, yes_no: bool = False) -> dict:
     """Held-out images (another seed): colour word right in greedy captions (and no other colour word),
     and exact-match accuracy per question kind."""
     rng = random.Random(f"jrm-pretrain-eval:{seed}")
-    samples = [make_sample(rng) for _ in range(n)]
+    samples = [make_sample(rng, yes_no=yes_no) for _ in range(n)]
     model.eval()
     answers = []
     for i in range(0, n, 64):
@@ -203,7 +215,8 @@ def evaluate(model, enc: Encoder, n: int = 256, seed: int = 10_000) -> dict:
 
 def pretrain_tiny_backbone(out_dir: str | Path, steps: int = 500, batch_size: int = 48, lr: float = 2e-3,
                            seed: int = 0, hidden: int = 128, layers: int = 4, vision_hidden: int = 64,
-                           eval_samples: int = 256, log_every: int = 100, threads: int | None = None) -> Path:
+                           eval_samples: int = 256, log_every: int = 100, threads: int | None = None,
+                           yes_no: bool = False) -> Path:
     """Build a (larger) tiny Qwen2.5-VL with a caption-aware tokenizer, pre-train it, evaluate, save.
     Reuses ``out_dir`` when it holds a finished pre-training (``pretrain_eval.json``)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -218,7 +231,7 @@ def pretrain_tiny_backbone(out_dir: str | Path, steps: int = 500, batch_size: in
     if threads:
         torch.set_num_threads(threads)
     t_start = time.time()
-    tok = build_tiny_tokenizer(extra_corpus=caption_corpus())
+    tok = build_tiny_tokenizer(extra_corpus=caption_corpus(yes_no))
     cfg = tiny_config(tok, hidden=hidden, layers=layers, vision_hidden=vision_hidden)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).float()
@@ -232,7 +245,7 @@ def pretrain_tiny_backbone(out_dir: str | Path, steps: int = 500, batch_size: in
     model.train()
     ema = None
     for step in range(1, steps + 1):
-        b = enc.batch([make_sample(rng) for _ in range(batch_size)])
+        b = enc.batch([make_sample(rng, yes_no=yes_no) for _ in range(batch_size)])
         loss = model(**b, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -242,8 +255,8 @@ def pretrain_tiny_backbone(out_dir: str | Path, steps: int = 500, batch_size: in
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         if step % log_every == 0 or step == steps:
             print(f"[pretrain] step {step}/{steps} loss {ema:.4f} ({time.time() - t_start:.0f}s)", flush=True)
-    res = evaluate(model, enc, n=eval_samples)
-    res.update({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "hidden": hidden, "layers": layers,
+    res = evaluate(model, enc, n=eval_samples, yes_no=yes_no)
+    res.update({"yes_no": yes_no, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "hidden": hidden, "layers": layers,
                 "vision_hidden": vision_hidden, "final_loss_ema": ema, "seconds": round(time.time() - t_start, 1),
                 "parameters": sum(p.numel() for p in model.parameters())})
     tmp = out.with_name(out.name + ".tmp")
