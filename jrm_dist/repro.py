@@ -226,15 +226,52 @@ def log_to_run(uri: str, experiment: str, name: str, result: dict, path: Path) -
     return rid
 
 
+@torch.no_grad()
+def lm_readout(export: Path, shards: Path, batch_groups: int = 16) -> dict:
+    """Teacher-forced read-out of the LM on the held-out colour groups' verdict-first rationales
+    ("Does not follow: the square is X, not Y."): is the first (verdict) token right, is the painted colour
+    X named right, is the asked colour Y named right (argmax over the palette's colour tokens)."""
+    from data_prep.synthetic import COLOURS
+    from jrm_dist.data.collate import Collator, encode_group
+    from jrm_dist.model import JointRewardModel
+    from jrm_dist.processing import IGNORE_INDEX, RewardProcessor
+
+    proc = RewardProcessor.from_pretrained(str(export))
+    model = JointRewardModel.from_pretrained(str(export)).eval()
+    col = Collator(proc)
+    lm_head = model.backbone.get_output_embeddings()
+    ids = torch.tensor([proc.tokenizer(" " + c, add_special_tokens=False)["input_ids"][0] for c in COLOURS])
+    recs = [(r, im) for r, im in _read_groups(shards) if r.get("meta", {}).get("kind") == "colour"]
+    n = verdict = painted = asked = n_asked = 0
+    for i in range(0, len(recs), batch_groups):
+        chunk = recs[i:i + batch_groups]
+        b = col([encode_group(proc, r, im, use_rationale=True) for r, im in chunk])
+        h = model._hidden(b, b["input_ids"], b["attention_mask"], b["mm_token_type_ids"])
+        for row in range(h.shape[0]):
+            toks = b["input_ids"][row]
+            start = int((b["labels"][row] != IGNORE_INDEX).nonzero()[0])
+            n += 1
+            verdict += int(int(lm_head(h[row, start - 1]).argmax()) == int(toks[start]))
+            pos = [p for p in range(start, int(b["attention_mask"][row].sum())) if int(toks[p]) in ids.tolist()]
+            if pos:
+                painted += int(ids[lm_head(h[row, pos[0] - 1])[ids].argmax()] == toks[pos[0]])
+            if len(pos) > 1:
+                n_asked += 1
+                asked += int(ids[lm_head(h[row, pos[1] - 1])[ids].argmax()] == toks[pos[1]])
+    return {"lm_verdict_token_right": verdict / max(n, 1), "lm_painted_colour_right": painted / max(n, 1),
+            "lm_asked_colour_right": asked / max(n_asked, 1), "candidates": n}
+
+
 def probe_runs(out: Path, ev: Path) -> int:
-    keys = ("lm_verdict_accuracy_at_last_prompt_token", "probe_follows_at_reward_token",
-            "probe_follows_at_last_prompt_token", "head_pair_accuracy_test_half")
-    print("| run | LM verdict at last prompt token | probe at reward token | probe at last prompt token | "
-          "reward head (test half) |\n|---|---:|---:|---:|---:|")
+    keys = ("probe_follows_at_reward_token", "probe_follows_at_last_prompt_token", "head_pair_accuracy_test_half",
+            "lm_verdict_token_right", "lm_painted_colour_right", "lm_asked_colour_right")
+    print("| run | probe at reward token | probe at last prompt token | reward head (test half) | LM verdict "
+          "token | LM painted colour | LM asked colour |\n|---|---:|---:|---:|---:|---:|---:|")
     for run_dir in sorted((out / "runs").glob("alpha*")):
         if not (run_dir / EVAL_FILE).exists():
             continue
         res = probe_export(run_dir / "export", ev)
+        res.update(lm_readout(run_dir / "export", ev))
         (run_dir / "probe.json").write_text(json.dumps(res, indent=2))
         print(f"| {run_dir.name} | " + " | ".join(f"{100 * res[k]:.1f}" for k in keys) + " |", flush=True)
     return 0
