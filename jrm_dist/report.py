@@ -40,6 +40,7 @@ SWEEP_METRICS = (
     ("acc_colour", "eval/accuracy/colour", "accuracy colour", True),
     ("acc_quality", "eval/accuracy/quality", "accuracy quality", True),
     ("eff_rank", EFF_RANK, "eff. rank", False),
+    ("caption_kept", "eval/caption_colour_accuracy", "caption colour kept", True),
     ("log_likelihood", "eval/log_likelihood", "log-lik.", False),
     ("brier", "eval/brier", "Brier", False),
     ("ece", "eval/ece", "ECE", False),

@@ -197,6 +197,18 @@ def probe_export(export: Path, shards: Path, batch_groups: int = 16) -> dict:
             "candidates": len(y), "test_candidates": int(test.sum())}
 
 
+@torch.no_grad()
+def caption_retention(export: Path, pretrained: Path, n: int = 128) -> float:
+    """Is the pretrained skill kept? Greedy captions of ``n`` held-out images by the trained backbone
+    (its own LM head; frozen in a rank-only run, so a drop there is the backbone's drift): share with
+    the right colour word (the pretrained backbone: ``pretrain_eval.json``)."""
+    from jrm_dist.backbones import load_backbone, load_image_processor, load_tokenizer
+    from jrm_dist.pretrain import Encoder, evaluate
+
+    enc = Encoder(load_tokenizer(str(export)), load_image_processor(str(pretrained)))
+    return float(evaluate(load_backbone(str(export)), enc, n=n)["caption_colour_accuracy"])
+
+
 def _read_groups(shards: Path):
     """(record, images) of every group in the shards, in manifest order."""
     from data_prep.shards import iter_tar_samples
@@ -284,6 +296,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only-alphas", type=float, nargs="*", default=None)
     ap.add_argument("--only-seeds", type=int, nargs="*", default=None)
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--retention", action="store_true",
+                    help="only add the caption-retention metric to finished runs that lack it (and log it)")
     ap.add_argument("--probe", action="store_true",
                     help="only probe the finished runs (probe_export -> <run>/probe.json) and print a table")
     a = ap.parse_args(argv)
@@ -301,6 +315,19 @@ def main(argv=None) -> int:
     train, ev = prepare_data(repro)
     if a.probe:
         return probe_runs(out, ev)
+    if a.retention:
+        for run_dir in sorted((out / "runs").glob("alpha*")):
+            f = run_dir / EVAL_FILE
+            if f.exists() and "eval/caption_colour_accuracy" not in json.loads(f.read_text())["metrics"]:
+                res = json.loads(f.read_text())
+                res["metrics"]["eval/caption_colour_accuracy"] = caption_retention(run_dir / "export",
+                                                                                   Path(repro["backbone"]))
+                f.write_text(json.dumps(res, indent=2))
+                log_to_run(uri, repro["experiment"], run_dir.name,
+                           {"metrics": {"eval/caption_colour_accuracy": res["metrics"]["eval/caption_colour_accuracy"]}}, f)
+                print(f"[repro] {run_dir.name}: caption colour kept {res['metrics']['eval/caption_colour_accuracy']:.3f}",
+                      flush=True)
+        return 0
     train_cfg = out / "train_config.yaml"
     train_cfg.write_text(yaml.safe_dump(train_dict, sort_keys=False))
     alphas = a.only_alphas if a.only_alphas is not None else repro["alphas"]
@@ -317,6 +344,8 @@ def main(argv=None) -> int:
             train_one(repro, train_cfg, train, float(alpha), int(seed), uri)
             t1 = time.time()
             res = evaluate_export(run_dir / "export", ev, train_dict.get("loss", {}).get("rank_mode", "thurstone"))
+            res["metrics"]["eval/caption_colour_accuracy"] = caption_retention(run_dir / "export",
+                                                                               Path(repro["backbone"]))
             res.update({"alpha": float(alpha), "seed": int(seed), "train_s": round(t1 - t0, 1),
                         "eval_s": round(time.time() - t1, 1)})
             (run_dir / EVAL_FILE).write_text(json.dumps(res, indent=2))
