@@ -131,3 +131,12 @@ def test_probe_export_reports_what_the_reward_token_sees(jrm_checkpoint, synthet
               "probe_follows_at_last_prompt_token", "head_pair_accuracy_test_half"):
         assert 0.0 <= res[k] <= 1.0, k
     assert 0 < res["test_candidates"] < res["candidates"] and res["candidates"] % 2 == 0
+
+
+def test_caption_retention_reads_the_trained_backbone(jrm_checkpoint, tiny_backbone):
+    from pathlib import Path
+
+    from jrm_dist.repro import caption_retention
+
+    v = caption_retention(Path(jrm_checkpoint), Path(tiny_backbone), n=8)
+    assert 0.0 <= v <= 1.0
