@@ -168,10 +168,13 @@ def greedy_answers(model, enc: Encoder, samples: list[Sample], max_new: int = 16
     seqs = [list(p) for p in prompts]
     done = [False] * len(seqs)
     eos = enc.tok.convert_tokens_to_ids(enc.eos)
+    banned = [enc.tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                          "<|vision_end|>")]
     for _ in range(max_new):
         b = enc.collate(seqs, [[-100] * len(s) for s in seqs], pvs, grids, left_pad=True)
         b.pop("labels")
         logits = model(**b, use_cache=False).logits[:, -1]
+        logits[:, banned] = float("-inf")  # a generated image placeholder would have no image features
         nxt = logits.argmax(-1).tolist()
         for i, t in enumerate(nxt):
             if not done[i]:
