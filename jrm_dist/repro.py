@@ -1,4 +1,5 @@
-"""``make repro-toy`` / ``python -m jrm_dist.repro --config configs/repro_toy.yaml``: the JRM effect at toy scale.
+"""``make repro-toy`` / ``python -m jrm_dist.repro [--config configs/repro_toy.yaml] [repro.KEY=V ...]``: the
+JRM effect at toy scale (sweep settings: ``REPRO_DEFAULTS`` below; run settings: the jrm-train config).
 
 1. the pretrained tiny backbone (``jrm-make-tiny --pretrain``; cached);
 2. synthetic shards in a data-scarce regime (``repro.train_groups`` groups, a rationale on every
@@ -28,25 +29,38 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# The sweep settings (override with repro.KEY=V, or a --sweep YAML of these keys).
 REPRO_DEFAULTS: dict[str, Any] = {
-    "out": "runs/repro-toy", "backbone": "runs/tiny-pretrained", "pretrain_steps": 500,
-    "alphas": [0.0, 0.1, 0.3, 0.5], "seeds": [0, 1, 2], "train_groups": 256, "train_quality_share": 0.25,
-    "eval_groups": 256, "eval_quality_share": 0.5, "rationale_style": "verdict_first", "nproc": 1,
-    "experiment": "repro-toy", "data_seed": 0, "eval_seed": 1,
+    "out": "runs/repro-toy",
+    "backbone": "runs/tiny-pretrained",  # jrm-make-tiny --pretrain (built and cached when missing)
+    "pretrain_steps": 500,
+    "alphas": [0.0, 0.1, 0.3, 0.5],  # 0 = the rank-only baseline
+    "seeds": [0, 1, 2],
+    "train_groups": 256,  # data-scarce: a few hundred preference groups
+    "train_quality_share": 0.25,  # mostly colour (instruction-following) groups: the hard kind
+    "eval_groups": 256,
+    "eval_quality_share": 0.5,
+    "rationale_style": "verdict_first",  # a rationale on every candidate (data_prep/synthetic.py)
+    "nproc": 1,
+    "experiment": "repro-toy",
+    "data_seed": 0,
+    "eval_seed": 1,
 }
 EVAL_FILE = "repro_eval.json"
 
 
-def load(path: str, overrides: list[str]) -> tuple[dict, dict]:
-    """(repro settings, jrm-train config dict). Overrides: ``repro.KEY=V`` or any jrm-train dotted key."""
+def load(path: str, overrides: list[str], sweep: str | None = None) -> tuple[dict, dict]:
+    """(sweep settings, jrm-train config dict). ``sweep``: YAML of REPRO_DEFAULTS keys. Overrides:
+    ``repro.KEY=V`` for the sweep, any jrm-train dotted key for the runs."""
     from jrm_dist.config import ConfigError, _merge, config_from_dict, parse_overrides
 
     data = yaml.safe_load(Path(path).read_text()) or {}
+    data = _merge(data, {"repro": (yaml.safe_load(Path(sweep).read_text()) or {}) if sweep else {}})
     data = _merge(data, parse_overrides(overrides))
     repro = dict(REPRO_DEFAULTS)
     extra = set(data.get("repro") or {}) - set(REPRO_DEFAULTS)
     if extra:
-        raise ConfigError(f"{path}: unknown repro keys {sorted(extra)} (valid: {sorted(REPRO_DEFAULTS)})")
+        raise ConfigError(f"{sweep or path}: unknown repro keys {sorted(extra)} (valid: {sorted(REPRO_DEFAULTS)})")
     repro.update(data.pop("repro", None) or {})
     config_from_dict(data)  # fail early on a bad train config, naming the key
     return repro, data
@@ -291,7 +305,8 @@ def probe_runs(out: Path, ev: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jrm-repro", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "repro_toy.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "repro_toy.yaml"), help="jrm-train config of every run")
+    ap.add_argument("--sweep", default=None, help="optional YAML of sweep settings (keys of REPRO_DEFAULTS)")
     ap.add_argument("overrides", nargs="*", help="repro.KEY=V or jrm-train dotted keys (train.max_steps=...)")
     ap.add_argument("--only-alphas", type=float, nargs="*", default=None)
     ap.add_argument("--only-seeds", type=int, nargs="*", default=None)
@@ -303,7 +318,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t_all = time.time()
     torch.set_num_threads(1)  # scoring and pre-training: one thread is fastest on a busy 2-core machine
-    repro, train_dict = load(a.config, a.overrides)
+    repro, train_dict = load(a.config, a.overrides, a.sweep)
     out = Path(repro["out"])
     out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
