@@ -191,3 +191,13 @@ def reliability_diagram(p_win, outcome, path, title: str = "Reliability of P(A b
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def rank_settings(loss: dict | None) -> tuple[str, float]:
+    """(rank mode, tie margin) for :func:`win_probability` from the loss settings a checkpoint records
+    (``jrm_config.json`` → ``loss``: rank_mode, ties, tie_margin). The margin applies only when ties were
+    modelled (``ties=model``); a checkpoint that records nothing is read as thurstone without a margin."""
+    loss = loss or {}
+    mode = loss.get("rank_mode") or "thurstone"
+    margin = float(loss.get("tie_margin") or 0.0) if loss.get("ties", "model") == "model" else 0.0
+    return mode, margin

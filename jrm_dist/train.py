@@ -366,16 +366,21 @@ class Trainer:
         self.processor.save_pretrained(str(d))
         jcfg = self.model.jrm_config()
         jcfg["processor"] = self.processor.settings()  # scoring/serving must encode inputs as training did
+        # eval/serve compute P(A beats B) under the loss the head was trained with
+        jcfg["loss"] = {"rank_mode": self.cfg.loss.rank_mode, "ties": self.cfg.loss.ties,
+                        "tie_margin": self.cfg.loss.tie_margin}
         (d / JRM_CONFIG).write_text(json.dumps(jcfg, indent=2))
 
     # ---- eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Every rank scores its share of the eval shards (lockstep: equal batches per rank, ZeRO-3 safe);
-        rank 0 gathers mu / features per candidate, dedupes padded repeats by key, and computes pairwise
-        accuracy and the effective rank of the reward-token features (+ spectrum PNG)."""
+        rank 0 gathers mu / sigma / features per candidate, dedupes padded repeats by key, and computes pairwise
+        accuracy, the calibration of P(winner beats loser) on the decided pairs under ``loss.rank_mode``
+        (+ reliability PNG) and the effective rank of the reward-token features (+ spectrum PNG)."""
         from jrm_dist.data.loader import StreamingLoader
-        from jrm_dist.metrics import effective_rank, singular_values
+        from jrm_dist.metrics import (calibration_metrics, effective_rank, rank_settings, reliability_bins,
+                                      reliability_diagram, singular_values, win_probability)
 
         cfg = self.cfg
         loader = StreamingLoader.from_config(cfg.data, self.processor, rank=self.rank, world_size=self.world,
@@ -389,14 +394,15 @@ class Trainer:
             bd["labels"] = None  # scoring only: the LM head is not needed
             out = self.engine(bd)
             mu = out["mu"].float().cpu()
+            sigma = torch.exp(0.5 * out["log_var"].float()).cpu()
             feats = out["features"].float().cpu()
             gi = b["group_index"]
             for g, key in enumerate(keys):
                 rows = (gi == g).nonzero().flatten()
                 sel = [(int(w) - int(rows[0]), int(l) - int(rows[0]), bool(t))
                        for w, l, t in zip(b["win_idx"], b["lose_idx"], b["tie"]) if int(gi[w]) == g]
-                records.append({"key": key, "mu": mu[rows].tolist(), "features": feats[rows],
-                                "pairs": sel})
+                records.append({"key": key, "mu": mu[rows].tolist(), "sigma": sigma[rows].tolist(),
+                                "features": feats[rows], "pairs": sel})
         self.engine.train()
         gathered = [None] * self.world
         self.dist.all_gather_object(gathered, records)
@@ -407,26 +413,42 @@ class Trainer:
             for r in part:
                 by_key.setdefault(r["key"], r)
         correct = decided = 0
+        dec = [], [], [], []  # mu / sigma of winner and loser of each decided pair (human ties have no winner)
         for r in by_key.values():
             for w, l, t in r["pairs"]:
                 if not t:
                     decided += 1
                     correct += int(r["mu"][w] > r["mu"][l])
+                    for lst, v in zip(dec, (r["mu"][w], r["sigma"][w], r["mu"][l], r["sigma"][l])):
+                        lst.append(v)
+        mode, margin = rank_settings({"rank_mode": cfg.loss.rank_mode, "ties": cfg.loss.ties,
+                                      "tie_margin": cfg.loss.tie_margin})
+        p_win = win_probability(*dec, mode=mode, tie_margin=margin)
+        outcome = torch.ones_like(p_win)  # oriented winner-first; the metrics do not depend on the orientation
+        cal = calibration_metrics(p_win, outcome)
         feats = torch.cat([r["features"] for r in by_key.values()])
         metrics = {"eval/accuracy": correct / decided if decided else float("nan"),
-                   "eval/effective_rank": effective_rank(feats), "eval/groups": float(len(by_key))}
+                   "eval/effective_rank": effective_rank(feats), "eval/groups": float(len(by_key)),
+                   **{f"eval/{k}": v for k, v in cal.items() if k != "n"}}
         ev = self.out / "eval"
         ev.mkdir(exist_ok=True)
         (ev / f"step_{self.step:08d}.json").write_text(json.dumps({
             "step": self.step, **metrics,
-            "scores": {k: {"mu": r["mu"], "pairs": r["pairs"]} for k, r in sorted(by_key.items())}}))
+            "calibration": {"rank_mode": mode, "tie_margin": margin, "pairs": cal["n"],
+                            "bins": reliability_bins(p_win, outcome)},
+            "scores": {k: {"mu": r["mu"], "sigma": r["sigma"], "pairs": r["pairs"]}
+                       for k, r in sorted(by_key.items())}}))
         png = ev / f"spectrum_step_{self.step:08d}.png"
         _spectrum_png(singular_values(feats).numpy(), png, f"step {self.step}: effective rank "
                       f"{metrics['eval/effective_rank']:.2f}")
+        rel = reliability_diagram(p_win, outcome, ev / f"reliability_step_{self.step:08d}.png",
+                                  title=f"step {self.step}: P(winner beats loser), {mode}")
         self.tracker.log_metrics(metrics, self.step)
         self.tracker.log_artifact(png, "eval")
-        log.info("eval step %d: accuracy %.3f, effective rank %.2f over %d groups", self.step,
-                 metrics["eval/accuracy"], metrics["eval/effective_rank"], len(by_key))
+        self.tracker.log_artifact(rel, "eval")
+        log.info("eval step %d: accuracy %.3f, effective rank %.2f, ECE %.3f, log-lik %.3f over %d groups (%d pairs)",
+                 self.step, metrics["eval/accuracy"], metrics["eval/effective_rank"], cal["ece"],
+                 cal["log_likelihood"], len(by_key), cal["n"])
         return metrics
 
     # ---- main loop

@@ -177,7 +177,8 @@ def test_win_probability_symmetric_batched_and_safe_at_extremes(mode):
 
 def test_win_probability_closed_forms_and_tie_margin():
     # thurstone: Phi(dmu / sqrt(s_a^2 + s_b^2)); sqrt(0.6^2 + 0.8^2) = 1, so Phi(1)
-    assert float(win_probability(1.0, 0.6, 0.0, 0.8)) == pytest.approx(0.5 * (1 + math.erf(1 / math.sqrt(2))), abs=1e-15)
+    phi_1 = 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    assert float(win_probability(1.0, 0.6, 0.0, 0.8)) == pytest.approx(phi_1, abs=1e-15)
     assert float(win_probability(1.0, 5.0, 0.0, 7.0, "bt")) == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-15)
     # bt_expected with sigma 0 is bt; with a large sigma it is pulled towards 0.5
     assert float(win_probability(1.0, 0.0, 0.0, 0.0, "bt_expected")) == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-12)
@@ -191,3 +192,23 @@ def test_win_probability_closed_forms_and_tie_margin():
     sg = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     assert float(win_probability(z, 1.0, 0.0, 1.0, "bt", m)) == pytest.approx(sg(z - m) / (sg(z - m) + sg(-z - m)),
                                                                                abs=1e-14)
+
+
+def test_bt_expected_with_tie_margin_matches_monte_carlo():
+    """P(A beats B | decided) = E[sigmoid(x - m)] / (E[sigmoid(x - m)] + E[sigmoid(-x - m)]), x ~ N(dmu, v)."""
+    n, m = 400_000, 0.5
+    g = torch.Generator().manual_seed(13)
+    for mu_a, s_a, mu_b, s_b in CASES:
+        x = (mu_a - mu_b) + math.hypot(s_a, s_b) * torch.randn(n, generator=g, dtype=torch.float64)
+        w, l = torch.sigmoid(x - m).mean(), torch.sigmoid(-x - m).mean()
+        se = float(torch.sigmoid(x - m).std() + torch.sigmoid(-x - m).std()) / math.sqrt(n) / float(w + l)
+        got = float(win_probability(mu_a, s_a, mu_b, s_b, "bt_expected", m))
+        assert got == pytest.approx(float(w / (w + l)), abs=N_SIGMA * se), (mu_a, s_a, mu_b, s_b)
+
+
+def test_rank_settings_from_a_checkpoint_loss_record():
+    from jrm_dist.metrics import rank_settings
+
+    assert rank_settings(None) == ("thurstone", 0.0)
+    assert rank_settings({"rank_mode": "bt", "ties": "model", "tie_margin": 0.5}) == ("bt", 0.5)
+    assert rank_settings({"rank_mode": "bt_expected", "ties": "ignore", "tie_margin": 0.5}) == ("bt_expected", 0.0)

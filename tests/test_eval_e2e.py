@@ -9,10 +9,12 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from jrm_dist.eval import cli, mmrb2, tiger
 from jrm_dist.eval.common import Scorer
+from jrm_dist.metrics import calibration_metrics, win_probability
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
            "grey": (128, 128, 128), "purple": (140, 40, 170)}
@@ -106,9 +108,27 @@ def test_editscore_release_end_to_end(tmp_path, jrm_checkpoint, offline, monkeyp
     md = out.with_suffix(".md").read_text()
     assert md.startswith("| Task | PF | Cons. | Overall |") and res["table"] in md
 
+    # calibration of P(preferred beats other): every row is a human-decided pair, output 0 preferred;
+    # the fixture checkpoint records no loss, so thurstone: Phi(dmu / sqrt(s0^2 + s1^2))
+    assert res["rank"] == {"rank_mode": "thurstone", "tie_margin": 0.0, "source": "default"}
+    sig = {k: v["sigma"] for k, v in res["scores"].items()}
+    p = torch.tensor([win_probability(expect[r[0][0]], sig[r[0][0]], expect[r[0][1]], sig[r[0][1]]).item()
+                      for r in rows])
+    want = calibration_metrics(p, torch.ones(len(rows)))
+    cal = res["metrics"]["calibration"]
+    for k, v in want.items():
+        assert cal[k] == pytest.approx(v, abs=1e-5), k
+    assert cal["by_dimension"]["overall"]["n"] == 2 and cal["by_dimension"]["consistency"]["sel_acc_100"] == 0.0
+    assert "Calibration of P(A beats B) (thurstone, 4 decided pairs)" in md
+    assert (tmp_path / "res" / "editscore.reliability.png").stat().st_size > 1000
+
     run = client.get_run(run_id)
     assert run.data.metrics["eval/editscore/average/overall"] == pytest.approx(res["metrics"]["average"]["overall"])
-    assert {a.path for a in client.list_artifacts(run_id, "eval")} == {"eval/editscore.json", "eval/editscore.md"}
+    assert run.data.metrics["eval/editscore/calibration/ece"] == pytest.approx(cal["ece"])
+    assert run.data.metrics["eval/editscore/calibration/by_dimension/overall/log_likelihood"] == pytest.approx(
+        cal["by_dimension"]["overall"]["log_likelihood"])
+    assert {a.path for a in client.list_artifacts(run_id, "eval")} == {
+        "eval/editscore.json", "eval/editscore.md", "eval/editscore.reliability.png"}
 
 
 def test_editscore_reader_errors_name_file_row_field(tmp_path, capsys, jrm_checkpoint):
@@ -186,6 +206,17 @@ def test_tiger_release_end_to_end(tmp_path, jrm_checkpoint, offline):
     assert got["subsets"]["2pair"]["pairwise_accuracy"] == pytest.approx(want["subsets"]["2pair"]["pairwise_accuracy"])
     assert got["overall"]["group_accuracy"] == pytest.approx(want["overall"]["group_accuracy"])
     assert got["overall"]["groups"] == 3
+    # calibration of P(candidate_1 beats candidate_2) on the 4 human-decided comparisons (the A=B tie is out)
+    cal = got["calibration"]
+    assert cal["n"] == 4
+    sc = res["scores"]
+    dec = [r for r in res["records"] if r["h"] != 0]
+    p = win_probability([sc[r["keys"][0]]["mu"] for r in dec], [sc[r["keys"][0]]["sigma"] for r in dec],
+                        [sc[r["keys"][1]]["mu"] for r in dec], [sc[r["keys"][1]]["sigma"] for r in dec])
+    want = calibration_metrics(p, torch.tensor([float(r["h"] == 1) for r in dec]))
+    for k, v in want.items():
+        assert cal[k] == pytest.approx(v, abs=1e-9), k
+    assert out.with_suffix(".reliability.png").exists()
 
 
 # ------------------------------------------------------------------ MMRB2
@@ -234,3 +265,49 @@ def test_mmrb2_release_end_to_end(tmp_path, jrm_checkpoint, offline):
     assert res["metrics"]["overall"]["judgements"] == 8 == want["overall"]["judgements"]
     assert res["metrics"]["overall"]["accuracy"] == want["overall"]["accuracy"]
     assert list(res["metrics"]["subsets"]) == ["t2i", "edit", "interleaved"]
+    # calibration: one P(A beats B) per pair (not per presentation order), chosen = the winner
+    cal = res["metrics"]["calibration"]
+    assert cal["n"] == 4 and res["rank"]["rank_mode"] == "thurstone"
+    p = win_probability([r["score"][0] for r in res["records"]], [r["sigma"][0] for r in res["records"]],
+                        [r["score"][1] for r in res["records"]], [r["sigma"][1] for r in res["records"]])
+    want = calibration_metrics(p, torch.tensor([float(r["chosen"] == "A") for r in res["records"]]))
+    for k, v in want.items():
+        assert cal[k] == pytest.approx(v, abs=1e-9), k
+    assert out.with_suffix(".reliability.png").exists()
+
+
+def test_rank_mode_comes_from_the_checkpoint_unless_the_flag_says_otherwise(tmp_path, jrm_checkpoint):
+    """A checkpoint that records loss.rank_mode=bt (as the trainer writes jrm_config.json) is calibrated
+    with sigmoid(dmu); --rank-mode overrides; jrm-eval rescore keeps the recorded mode."""
+    import shutil
+
+    from jrm_dist.eval.common import rank_model
+
+    ckpt = tmp_path / "bt_ckpt"
+    shutil.copytree(jrm_checkpoint, ckpt)
+    jcfg = json.loads((ckpt / "jrm_config.json").read_text())
+    jcfg["loss"] = {"rank_mode": "bt", "ties": "model", "tie_margin": 0.5}
+    (ckpt / "jrm_config.json").write_text(json.dumps(jcfg))
+    assert rank_model(jrm_checkpoint) == {"rank_mode": "thurstone", "tie_margin": 0.0, "source": "default"}
+    assert rank_model(ckpt) == {"rank_mode": "bt", "tie_margin": 0.5, "source": "checkpoint"}
+    assert rank_model(ckpt, "bt_expected") == {"rank_mode": "bt_expected", "tie_margin": 0.5, "source": "flag"}
+
+    _mmrb2_folder(tmp_path / "mmrb2")
+    out = tmp_path / "bt.json"
+    assert cli.main(["mmrb2", "--model", str(ckpt), "--data", str(tmp_path / "mmrb2"), "--out", str(out),
+                     "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    recs = res["records"]
+    # Rao–Kupper with margin 0.5, conditioned on a decided pair; sigma plays no part
+    p = win_probability([r["score"][0] for r in recs], 123.0, [r["score"][1] for r in recs], 7.0, "bt", 0.5)
+    want = calibration_metrics(p, torch.tensor([float(r["chosen"] == "A") for r in recs]))
+    assert res["metrics"]["calibration"]["rank_mode"] == "bt"
+    assert res["metrics"]["calibration"]["log_likelihood"] == pytest.approx(want["log_likelihood"], abs=1e-9)
+    assert cli.main(["rescore", "--results", str(out), "--out", str(tmp_path / "re.json")]) == 0
+    again = json.loads((tmp_path / "re.json").read_text())
+    assert again["metrics"]["calibration"]["log_likelihood"] == pytest.approx(want["log_likelihood"], abs=1e-12)
+    assert (tmp_path / "re.reliability.png").exists()
+    assert cli.main(["rescore", "--results", str(out), "--out", str(tmp_path / "th.json"), "--rank-mode",
+                     "thurstone"]) == 0
+    th = json.loads((tmp_path / "th.json").read_text())
+    assert th["rank"]["source"] == "flag" and th["metrics"]["calibration"]["rank_mode"] == "thurstone"

@@ -177,3 +177,79 @@ def test_request_larger_than_max_batch_is_split_and_correct(jrm_checkpoint, scor
         with RewardClient(url) as c:
             got = [r["mu"] for r in c.score([item(*j) for j in jobs])]
     assert got == pytest.approx([offline_mu(scorer, *j) for j in jobs], abs=1e-5)
+
+
+# ------------------------------------------------------------------ P(A beats B) for pairs
+def pair(instruction, sources, image_a, image_b) -> dict:
+    return {"instruction": instruction, "source_images": [b64_png(s) for s in sources],
+            "a": {"image": b64_png(image_a)}, "b": {"image": b64_png(image_b)}}
+
+
+def test_compare_returns_both_rewards_and_p_a_beats_b(server, scorer):
+    """The fixture checkpoint records no loss: thurstone, Phi(dmu / sqrt(s_a^2 + s_b^2)); swapping a and b
+    gives 1 - p; the client helper returns the same numbers."""
+    from jrm_dist.metrics import win_probability
+
+    src = pic((128, 128, 128))
+    jobs = [("make the square red", [src], pic(COLOURS[0]), pic(COLOURS[2])),
+            ("make the square green", [], pic(COLOURS[1], (70, 70)), pic(COLOURS[3]))]
+    r = httpx.post(f"{server}/v1/compare", json={"pairs": [pair(*j) for j in jobs]}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["rank_mode"] == "thurstone" and body["tie_margin"] == 0.0
+    for (ins, s, ia, ib), c in zip(jobs, body["comparisons"]):
+        a = scorer.score_encoded([scorer.encode(ins, s, [ia])])[0]
+        b = scorer.score_encoded([scorer.encode(ins, s, [ib])])[0]
+        assert c["a"]["mu"] == pytest.approx(a.mu, abs=1e-5) and c["b"]["sigma"] == pytest.approx(b.sigma, abs=1e-5)
+        want = float(win_probability(a.mu, a.sigma, b.mu, b.sigma, "thurstone"))
+        assert c["p_a_beats_b"] == pytest.approx(want, abs=1e-5)
+        assert (c["p_a_beats_b"] > 0.5) == (c["a"]["mu"] > c["b"]["mu"])
+    with RewardClient(server, chunk=2) as cl:  # one pair per request
+        p, info = cl.p_a_beats_b([j[3] for j in jobs], [j[2] for j in jobs], [j[0] for j in jobs],
+                                 [src, None])
+    assert p == pytest.approx([1 - c["p_a_beats_b"] for c in body["comparisons"]], abs=1e-6)
+    assert info["mu_b"] == pytest.approx([c["a"]["mu"] for c in body["comparisons"]], abs=1e-6)
+    with pytest.raises(ValueError, match="must be equal"):
+        cl.p_a_beats_b([src], [src, src], ["x"])
+    spec = httpx.get(f"{server}/openapi.json").json()
+    assert "/v1/compare" in spec["paths"] and "CompareRequest" in spec["components"]["schemas"]
+
+
+def test_compare_bad_input_gets_4xx(server):
+    ok = pair("make the square red", [pic((128, 128, 128))], pic(COLOURS[0]), pic(COLOURS[2]))
+    post = lambda body: httpx.post(f"{server}/v1/compare", json=body, timeout=30)  # noqa: E731
+    assert post({"pairs": []}).status_code == 422
+    assert post({"pairs": [{k: v for k, v in ok.items() if k != "b"}]}).status_code == 422
+    r = post({"pairs": [ok] * 5})  # 10 candidates > max_items=8
+    assert r.status_code == 413 and "max_items=8" in r.json()["detail"]
+    r = post({"pairs": [dict(ok, b={"image": _b64(b"hello")})]})
+    assert r.status_code == 422 and "pairs[0].b.image" in r.json()["detail"]
+    r = post({"pairs": [dict(ok, a={"image": b64_png(pic(COLOURS[1], (300, 300)))})]})
+    assert r.status_code == 413 and "pairs[0].a.image" in r.json()["detail"]
+    assert post({"pairs": [ok]}).status_code == 200
+
+
+def test_compare_uses_the_checkpoint_rank_mode(jrm_checkpoint, scorer, tmp_path):
+    """A checkpoint trained with bt and a tie margin (recorded in jrm_config.json by the trainer):
+    P(A beats B | decided) under Rao–Kupper, sigma unused; --rank-mode overrides."""
+    import json
+    import math
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    ckpt = tmp_path / "bt"
+    shutil.copytree(jrm_checkpoint, ckpt)
+    jcfg = json.loads((ckpt / "jrm_config.json").read_text())
+    jcfg["loss"] = {"rank_mode": "bt", "ties": "model", "tie_margin": 0.5}
+    (ckpt / "jrm_config.json").write_text(json.dumps(jcfg))
+    body = {"pairs": [pair("make the square red", [], pic(COLOURS[0]), pic(COLOURS[4]))]}
+    with TestClient(create_app(str(ckpt), scorer=scorer)) as c:
+        res = c.post("/v1/compare", json=body).json()
+        assert c.get("/health").json()["rank_mode"] == "bt"
+    z = res["comparisons"][0]["a"]["mu"] - res["comparisons"][0]["b"]["mu"]
+    sg = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert res["rank_mode"] == "bt" and res["tie_margin"] == 0.5
+    assert res["comparisons"][0]["p_a_beats_b"] == pytest.approx(sg(z - 0.5) / (sg(z - 0.5) + sg(-z - 0.5)), abs=1e-9)
+    with TestClient(create_app(str(ckpt), scorer=scorer, rank_mode="thurstone")) as c:
+        assert c.post("/v1/compare", json=body).json()["rank_mode"] == "thurstone"

@@ -83,7 +83,8 @@ def test_mlflow_run_holds_the_metrics(run):
     assert r.info.status == "FINISHED"
     for key in ("alpha", "loss/total", "loss/rank", "loss/lm", "train/accuracy", "mu/mean", "mu/std", "sigma/mean",
                 "grad_norm", "lr", "tokens_per_s", "samples_per_s", "peak_mem_mb", "skipped_steps",
-                "corrupt_samples", "eval/accuracy", "eval/effective_rank"):
+                "corrupt_samples", "eval/accuracy", "eval/effective_rank", "eval/log_likelihood", "eval/brier",
+                "eval/ece", "eval/sel_acc_25", "eval/sel_acc_50", "eval/sel_acc_100"):
         assert key in r.data.metrics, key
     hist = client.get_metric_history(r.info.run_id, "loss/total")
     assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5, 6]
@@ -93,6 +94,33 @@ def test_mlflow_run_holds_the_metrics(run):
     arts = {a.path for a in client.list_artifacts(r.info.run_id)} | \
         {a.path for a in client.list_artifacts(r.info.run_id, "eval")}
     assert "config.yaml" in arts and "eval/spectrum_step_00000006.png" in arts
+    assert "eval/reliability_step_00000006.png" in arts
+
+
+def test_eval_calibration_follows_from_the_stored_scores(run):
+    """eval/step_*.json: the calibration metrics equal P(winner beats loser) recomputed from the stored
+    (mu, sigma) of every decided pair under the run's loss (thurstone, ties ignored: no margin); the
+    export records that loss so jrm-eval and jrm-serve use the same P(A beats B)."""
+    from jrm_dist.metrics import calibration_metrics, win_probability
+
+    ev = json.loads((run["out"] / "eval" / "step_00000006.json").read_text())
+    assert ev["calibration"]["rank_mode"] == "thurstone" and ev["calibration"]["tie_margin"] == 0.0
+    mw, sw, ml, sl = [], [], [], []
+    for r in ev["scores"].values():
+        assert len(r["sigma"]) == len(r["mu"]) and all(s > 0 for s in r["sigma"])
+        for w, l, t in r["pairs"]:
+            if not t:
+                mw.append(r["mu"][w]), sw.append(r["sigma"][w]), ml.append(r["mu"][l]), sl.append(r["sigma"][l])
+    p = win_probability(mw, sw, ml, sl, "thurstone")
+    want = calibration_metrics(p, torch.ones_like(p))
+    assert want["n"] == ev["calibration"]["pairs"] > 0
+    for k in ("log_likelihood", "brier", "ece", "sel_acc_25", "sel_acc_50", "sel_acc_100"):
+        assert ev[f"eval/{k}"] == pytest.approx(want[k], abs=1e-9), k
+    assert ev["eval/sel_acc_100"] == pytest.approx(ev["eval/accuracy"])
+    assert sum(b["count"] for b in ev["calibration"]["bins"]) == want["n"]
+    assert (run["out"] / "eval" / "reliability_step_00000006.png").stat().st_size > 1000
+    jcfg = json.loads((run["out"] / "export" / "jrm_config.json").read_text())
+    assert jcfg["loss"] == {"rank_mode": "thurstone", "ties": "ignore", "tie_margin": 0.5}
 
 
 def test_export_scores_identically_to_the_live_engine(run):

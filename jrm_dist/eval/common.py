@@ -179,17 +179,71 @@ def log_to_mlflow(run_id: str, metrics: dict[str, float], artifacts: Sequence[st
 
 @dataclass
 class EvalResult:
-    """What a benchmark run produces: metrics (nested), per-record rows, per-key scores, markdown."""
+    """What a benchmark run produces: metrics (nested), per-record rows, per-key scores, markdown, and
+    (P(A beats B), outcome) of the decided human pairs for the reliability diagram (not serialised)."""
 
     benchmark: str
     metrics: dict[str, Any]
     records: list[dict[str, Any]]
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     table: str = ""
+    calibration_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def payload(self, **extra: Any) -> dict[str, Any]:
         return {"benchmark": self.benchmark, **extra, "metrics": self.metrics, "records": self.records,
                 "scores": self.scores}
+
+
+# ----------------------------------------------------------------------------- calibration of P(A beats B)
+def rank_model(model_dir: str | os.PathLike, rank_mode: str | None = None) -> dict[str, Any]:
+    """How P(A beats B) is computed for a checkpoint: the loss it was trained with, as recorded in its
+    jrm_config.json (``loss``), unless ``rank_mode`` overrides it; thurstone without a tie margin when the
+    checkpoint records nothing. ``source`` says which of these applied."""
+    from jrm_dist.losses import RANK_MODES
+    from jrm_dist.metrics import rank_settings
+    from jrm_dist.processing import JRM_CONFIG
+
+    f = Path(model_dir) / JRM_CONFIG
+    loss = json.loads(f.read_text()).get("loss") if f.is_file() else None
+    mode, margin = rank_settings(loss)
+    source = "checkpoint" if loss else "default"
+    if rank_mode is not None:
+        if rank_mode not in RANK_MODES:
+            raise ValueError(f"rank mode {rank_mode!r}: expected one of {RANK_MODES}")
+        mode, source = rank_mode, "flag"
+    return {"rank_mode": mode, "tie_margin": margin, "source": source}
+
+
+def records_calibration(records: Sequence[dict[str, Any]], outcome: Callable[[dict[str, Any]], int | None],
+                        rank: dict[str, Any] | None = None,
+                        ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
+    """Calibration of P(A beats B) over result records holding ``score`` = [mu_A, mu_B] and ``sigma`` =
+    [sigma_A, sigma_B]; ``outcome(record)`` is 1 when a human preferred A, 0 for B, None for a human tie
+    (left out: P(win) says nothing testable about a tie). Returns the metrics (+ rank mode and
+    reliability bins) and the (p, outcome) tensors the reliability diagram is drawn from; records
+    without ``sigma`` (older result files) give ``{"n": 0, "skipped": ...}`` and no tensors."""
+    from jrm_dist.metrics import calibration_metrics, reliability_bins, win_probability
+
+    if any("sigma" not in r for r in records):
+        return {"n": 0, "skipped": "records carry no sigma"}, None
+    rank = rank or {"rank_mode": "thurstone", "tie_margin": 0.0}
+    rows = [(r["score"][0], r["sigma"][0], r["score"][1], r["sigma"][1], y)
+            for r in records for y in [outcome(r)] if y is not None]
+    cols = list(zip(*rows)) or [[], [], [], [], []]
+    p = win_probability(*cols[:4], mode=rank["rank_mode"], tie_margin=rank.get("tie_margin", 0.0))
+    y = torch.as_tensor(cols[4], dtype=torch.float64)
+    m = {"rank_mode": rank["rank_mode"], "tie_margin": rank.get("tie_margin", 0.0), **calibration_metrics(p, y),
+         "bins": reliability_bins(p, y)}
+    return m, (p, y)
+
+
+def calibration_row(m: dict[str, Any]) -> str:
+    """One markdown line for the results table."""
+    if not m.get("n"):
+        return f"Calibration of P(A beats B): {m.get('skipped', 'no decided pairs')}."
+    return (f"Calibration of P(A beats B) ({m['rank_mode']}, {m['n']} decided pairs): log-likelihood "
+            f"{m['log_likelihood']:.4f}, Brier {m['brier']:.4f}, ECE {m['ece']:.4f}, selective accuracy "
+            f"25/50/100%: {pct(m['sel_acc_25'])} / {pct(m['sel_acc_50'])} / {pct(m['sel_acc_100'])}")
 
 
 class ParquetRows:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from jrm_dist.eval.common import BenchmarkFormatError, EvalResult, Score, ScoreItem, decode, pct
+from jrm_dist.eval.common import (BenchmarkFormatError, EvalResult, Score, ScoreItem, calibration_row, decode,
+                                  pct, records_calibration)
 
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "object": ("subject-add", "subject-remove", "subject-replace"),
@@ -194,18 +195,35 @@ class EditScoreBench:
 
         return load
 
-    def evaluate(self, scores: dict[str, Score]) -> EvalResult:
+    def evaluate(self, scores: dict[str, Score], rank: dict | None = None) -> EvalResult:
         records = [{"file": r.file.name, "row": r.row, "key": list(r.keys), "task_type": r.task_type,
                     "dimension": r.dimension, "score": [scores[r.keys[0]].mu, scores[r.keys[1]].mu],
                     "sigma": [scores[r.keys[0]].sigma, scores[r.keys[1]].sigma],
                     "correct": scores[r.keys[0]].mu > scores[r.keys[1]].mu} for r in self.rows]
-        res = rescore_records(records)
+        res = rescore_records(records, rank)
         res.scores = {k: s.as_dict() for k, s in scores.items()}
         return res
 
 
-def rescore_records(records: list[dict]) -> EvalResult:
+def calibration(records: list[dict], rank: dict | None = None) -> tuple[dict, tuple | None]:
+    """P(A beats B) calibration: output 0 is the human-preferred one in every row (no human ties in this
+    release); over all rows, and per dimension under ``by_dimension``."""
+    cal, pairs = records_calibration(records, lambda r: 1, rank)
+    if pairs is not None:
+        cal["by_dimension"] = {}
+        for d in DIMENSIONS:
+            rs = [r for r in records if r["dimension"] == d]
+            if rs:
+                sub = records_calibration(rs, lambda r: 1, rank)[0]
+                sub.pop("bins")
+                cal["by_dimension"][d] = sub
+    return cal, pairs
+
+
+def rescore_records(records: list[dict], rank: dict | None = None) -> EvalResult:
     """Metrics from per-record scores (used after scoring, and by ``jrm-eval rescore``)."""
     m = editscore_metrics([(r["task_type"], r["dimension"]) for r in records],
                           [r["score"][0] for r in records], [r["score"][1] for r in records])
-    return EvalResult(EditScoreBench.name, m, records, table=markdown_table(m))
+    m["calibration"], pairs = calibration(records, rank)
+    table = markdown_table(m) + "\n\n" + calibration_row(m["calibration"])
+    return EvalResult(EditScoreBench.name, m, records, table=table, calibration_pairs=pairs)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from jrm_dist.eval.common import (BenchmarkFormatError, EvalResult, ParquetRows, Score, ScoreItem, content_key,
-                                  decode, find_parquet, image_bytes, pct)
+from jrm_dist.eval.common import (BenchmarkFormatError, EvalResult, ParquetRows, Score, ScoreItem, calibration_row,
+                                  content_key, decode, find_parquet, image_bytes, pct, records_calibration)
 
 SUBSETS = ("t2i", "edit", "interleaved", "reasoning")
 REQUIRED = ("pair_id", "prompt_text", "response_a_text", "response_b_text", "chosen")
@@ -146,19 +146,22 @@ class MMRB2Bench:
 
         return load
 
-    def evaluate(self, scores: dict[str, Score]) -> EvalResult:
+    def evaluate(self, scores: dict[str, Score], rank: dict | None = None) -> EvalResult:
         records = []
         for r in self.rows:
             sa, sb = scores[r["key_a"]], scores[r["key_b"]]
             records.append({"subset": r["subset"], "pair_id": r["pair_id"], "row": r["index"], "chosen": r["chosen"],
                             "score": [sa.mu, sb.mu], "sigma": [sa.sigma, sb.sigma], "keys": [r["key_a"], r["key_b"]]})
-        res = rescore_records(records)
+        res = rescore_records(records, rank)
         res.scores = {k: s.as_dict() for k, s in scores.items()}
         return res
 
 
-def rescore_records(records: list[dict]) -> EvalResult:
+def rescore_records(records: list[dict], rank: dict | None = None) -> EvalResult:
     for r in records:
         r.update(judgements(float(r["score"][0]), float(r["score"][1])))
     m = mmrb2_metrics(records)
-    return EvalResult(MMRB2Bench.name, m, records, table=markdown_table(m))
+    # calibration of P(A beats B) once per pair (the presentation order does not change it), chosen = winner
+    m["calibration"], pairs = records_calibration(records, lambda r: int(r["chosen"] == "A"), rank)
+    table = markdown_table(m) + "\n\n" + calibration_row(m["calibration"])
+    return EvalResult(MMRB2Bench.name, m, records, table=table, calibration_pairs=pairs)

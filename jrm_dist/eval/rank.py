@@ -2,7 +2,9 @@
 spectrum (PNG), and a side-by-side of two or more checkpoints (the paper: JRM 91.77 vs rank-only 46.86).
 
 Features are the backbone's hidden state at ``<|reward|>`` on the prompt only (what the reward head
-reads at inference), one row per candidate of every group read from the shard(s).
+reads at inference), one row per candidate of every group read from the shard(s). The reward head on
+the same features gives (mu, sigma) per candidate, so the shards' rankings also yield pairwise accuracy
+and the calibration of P(A beats B) (one reliability PNG per checkpoint) without a second forward.
 """
 from __future__ import annotations
 
@@ -35,8 +37,11 @@ def shard_groups(spec: str, max_groups: int | None = None) -> Iterator[tuple[dic
         yield rec, images
 
 
-def reward_features(scorer, groups: Sequence[tuple[dict, dict[str, bytes]]], desc: str = "features") -> torch.Tensor:
-    """[n_candidates, hidden] reward-token features of every candidate, batched like scoring."""
+def reward_features(scorer, groups: Sequence[tuple[dict, dict[str, bytes]]], desc: str = "features",
+                    with_scores: bool = False):
+    """[n_candidates, hidden] reward-token features of every candidate, batched like scoring; with
+    ``with_scores`` also (mu, sigma) per candidate from the reward head on those features (what
+    ``JointRewardModel.score`` computes)."""
     from tqdm import tqdm
 
     from jrm_dist.data.collate import EncodedGroup
@@ -48,7 +53,7 @@ def reward_features(scorer, groups: Sequence[tuple[dict, dict[str, bytes]]], des
         src = [images[n] for n in rec.get("source_images") or []]
         for k, c in enumerate(rec["candidates"]):
             todo.append((key, rec["instruction"], src, [images[n] for n in c.get("images") or []], c.get("text")))
-    feats = []
+    feats, mus, sigmas = [], [], []
     with tqdm(total=len(todo), desc=desc, unit="cand") as bar:
         for i in range(0, len(todo), scorer.batch_size):
             chunk = todo[i: i + scorer.batch_size]
@@ -57,11 +62,38 @@ def reward_features(scorer, groups: Sequence[tuple[dict, dict[str, bytes]]], des
                    for key, instr, src, cand, text in chunk]
             batch = scorer.collator([EncodedGroup(str(j), [e], [], [], []) for j, e in enumerate(enc)])
             with torch.inference_mode():
-                feats.append(scorer.model.features(scorer._to_device(batch)).float().cpu())
+                f = scorer.model.features(scorer._to_device(batch))
+                feats.append(f.float().cpu())
+                if with_scores:
+                    mu, log_var = scorer.model.reward_head(f)
+                    mus.append(mu.float().cpu())
+                    sigmas.append(torch.exp(0.5 * log_var).float().cpu())
             bar.update(len(chunk))
     if not feats:
         raise ValueError("no candidates read from the shard(s)")
+    if with_scores:
+        return torch.cat(feats), torch.cat(mus), torch.cat(sigmas)
     return torch.cat(feats)
+
+
+def shard_calibration(groups: Sequence[tuple[dict, dict[str, bytes]]], mu: torch.Tensor, sigma: torch.Tensor,
+                      rank: dict | None = None, rank_by: str = "overall"):
+    """Calibration of P(winner beats loser) over every pair a group's ranking decides (``ranking``, else
+    the ``rank_by`` scores, as training expands them; tie pairs left out). ``mu`` / ``sigma`` are per
+    candidate in group order. Returns (metrics, (p, outcome))."""
+    from jrm_dist.data.schema import group_ranking
+    from jrm_dist.eval.common import records_calibration
+    from jrm_dist.losses import ranking_to_pairs
+
+    pairs, at = [], 0
+    for rec, _ in groups:
+        win, lose, tie = ranking_to_pairs(group_ranking(rec, rank_by))
+        pairs += [{"score": [float(mu[at + w]), float(mu[at + l])],
+                   "sigma": [float(sigma[at + w]), float(sigma[at + l])]} for w, l, t in zip(win, lose, tie) if not t]
+        at += len(rec["candidates"])
+    if at != mu.numel():
+        raise ValueError(f"{mu.numel()} scores for {at} candidates")
+    return records_calibration(pairs, lambda r: 1, rank)
 
 
 def spectrum_plot(spectra: dict[str, torch.Tensor], eranks: dict[str, float], path: Path) -> None:
@@ -86,9 +118,13 @@ def spectrum_plot(spectra: dict[str, torch.Tensor], eranks: dict[str, float], pa
 
 
 def run_rank(models: Sequence[str], labels: Sequence[str] | None, shards: str, out_dir: str | Path,
-             max_groups: int | None = None, center: bool = False, **scorer_kw) -> dict:
-    """Features → effective rank → JSON + PNG + markdown for each checkpoint; ratios vs the first."""
-    from jrm_dist.eval.common import Scorer
+             max_groups: int | None = None, center: bool = False, rank_mode: str | None = None,
+             rank_by: str = "overall", **scorer_kw) -> dict:
+    """Features → effective rank → JSON + PNG + markdown for each checkpoint; ratios vs the first. The
+    same pass gives each checkpoint's calibration of P(A beats B) on the shards' decided pairs
+    (``reliability_<i>.png`` per checkpoint, in --model order)."""
+    from jrm_dist.eval.common import Scorer, pct, rank_model
+    from jrm_dist.metrics import reliability_diagram
 
     labels = list(labels or [])
     if labels and len(labels) != len(models):
@@ -100,24 +136,32 @@ def run_rank(models: Sequence[str], labels: Sequence[str] | None, shards: str, o
     out.mkdir(parents=True, exist_ok=True)
     groups = list(shard_groups(shards, max_groups))
     results, spectra, eranks = [], {}, {}
-    for label, model in zip(labels, models):
+    for i, (label, model) in enumerate(zip(labels, models)):
         scorer = Scorer(model, **scorer_kw)
-        f = reward_features(scorer, groups, desc=f"features {label}")
+        f, mu, sigma = reward_features(scorer, groups, desc=f"features {label}", with_scores=True)
         s = singular_values(f, center=center).float()
         er = effective_rank(f, center=center)
         spectra[label], eranks[label] = s, er
+        cal, pairs = shard_calibration(groups, mu, sigma, rank_model(model, rank_mode), rank_by)
+        png = out / f"reliability_{i}.png"
+        reliability_diagram(*pairs, png, title=f"{label}: P(A beats B), {cal['rank_mode']}")
         results.append({"label": label, "model": str(model), "effective_rank": er, "n_features": f.shape[0],
-                        "dim": f.shape[1], "singular_values": s.tolist()})
+                        "dim": f.shape[1], "singular_values": s.tolist(), "calibration": cal,
+                        "reliability_plot": str(png)})
         del scorer
     base = results[0]["effective_rank"]
     for r in results:
         r["ratio_vs_first"] = r["effective_rank"] / base if base else float("nan")
     png = out / "spectrum.png"
     spectrum_plot(spectra, eranks, png)
-    table = "\n".join(["| Checkpoint | Effective rank | Features | Dim | vs first |", "|---|---:|---:|---:|---:|"]
-                      + [f"| {r['label']} | {r['effective_rank']:.2f} | {r['n_features']} | {r['dim']} | "
-                         f"{r['ratio_vs_first']:.3f}x |" for r in results])
+    head = ["| Checkpoint | Effective rank | Features | Dim | vs first | Pairs | Accuracy | Log-lik. | Brier | ECE "
+            "| Sel. acc. 25% | Rank mode |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [f"| {r['label']} | {r['effective_rank']:.2f} | {r['n_features']} | {r['dim']} | {r['ratio_vs_first']:.3f}x "
+            f"| {c['n']} | {pct(c['sel_acc_100'])} | {c['log_likelihood']:.4f} | {c['brier']:.4f} | {c['ece']:.4f} "
+            f"| {pct(c['sel_acc_25'])} | {c['rank_mode']} |" for r in results for c in [r["calibration"]]]
+    table = "\n".join(head + rows)
     payload = {"benchmark": "effective-rank", "shards": shards, "groups": len(groups), "center": center,
+               "rank_by": rank_by,
                "models": results, "table": table, "plot": str(png)}
     (out / "rank.json").write_text(json.dumps(payload, indent=1))
     (out / "rank.md").write_text(table + "\n")

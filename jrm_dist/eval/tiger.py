@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jrm_dist.eval.common import (BenchmarkFormatError, EvalResult, ParquetRows, Score, ScoreItem, content_key,
-                                  decode, find_parquet, image_bytes, pct)
+from jrm_dist.eval.common import (BenchmarkFormatError, EvalResult, ParquetRows, Score, ScoreItem, calibration_row,
+                                  content_key, decode, find_parquet, image_bytes, pct, records_calibration)
 
 SUBSETS = ("2pair", "3pair", "4pair")
 REQUIRED = ("id", "instruction", "ranking", "comparison_type")
@@ -185,7 +185,7 @@ class TigerBench:
 
         return load
 
-    def evaluate(self, scores: dict[str, Score]) -> EvalResult:
+    def evaluate(self, scores: dict[str, Score], rank: dict | None = None) -> EvalResult:
         records = []
         for r in self.rows:
             s1, s2 = scores[r["candidate_1_key"]], scores[r["candidate_2_key"]]
@@ -193,13 +193,16 @@ class TigerBench:
                             "comparison_type": r["comparison_type"], "ranking": r["ranking"], "h": r["h"],
                             "score": [s1.mu, s2.mu], "sigma": [s1.sigma, s2.sigma], "m": s1.mu - s2.mu,
                             "keys": [r["candidate_1_key"], r["candidate_2_key"]]})
-        res = rescore_records(records)
+        res = rescore_records(records, rank)
         res.scores = {k: s.as_dict() for k, s in scores.items()}
         return res
 
 
-def rescore_records(records: list[dict]) -> EvalResult:
+def rescore_records(records: list[dict], rank: dict | None = None) -> EvalResult:
     for r in records:  # m from the stored scores, so an edited score is honoured
         r["m"] = float(r["score"][0]) - float(r["score"][1])
     m = tiger_metrics(records)
-    return EvalResult(TigerBench.name, m, records, table=markdown_table(m))
+    # calibration of P(candidate_1 beats candidate_2) over every comparison a human decided (ties left out)
+    m["calibration"], pairs = records_calibration(records, lambda r: {1: 1, -1: 0}.get(int(r["h"])), rank)
+    table = markdown_table(m) + "\n\n" + calibration_row(m["calibration"])
+    return EvalResult(TigerBench.name, m, records, table=table, calibration_pairs=pairs)

@@ -3,6 +3,7 @@
     from jrm_dist.serve.client import RewardClient
     reward_fn = RewardClient("http://127.0.0.1:8000").reward_fn
     scores, info = reward_fn(images, prompts, metadata, ref_images)   # scores: np.ndarray of mu
+    p, info = RewardClient(url).p_a_beats_b(images_a, images_b, prompts, ref_images)  # P(A beats B)
 
 Images may be PIL images, uint8 HWC arrays, float arrays/tensors in [0, 1] (HWC or CHW, or one
 NCHW batch tensor as diffusion pipelines return), or encoded bytes; they travel as base64 PNG.
@@ -85,6 +86,41 @@ class RewardClient:
                 raise httpx.HTTPStatusError(f"{r.status_code} from jrm-serve: {r.text}", request=r.request, response=r)
             out += r.json()["rewards"]
         return out
+
+    def compare(self, pairs: Sequence[dict]) -> list[dict]:
+        """pairs: ``{"instruction", "source_images": [b64], "a": {"image": b64}, "b": {"image": b64}}`` →
+        ``[{"a": {"mu", "sigma"}, "b": {...}, "p_a_beats_b"}]`` (``chunk`` candidates per request)."""
+        out: list[dict] = []
+        step = max(1, self.chunk // 2)
+        for i in range(0, len(pairs), step):
+            r = self._http.post(f"{self.url}/v1/compare", json={"pairs": list(pairs[i: i + step])})
+            if r.status_code >= 400:
+                import httpx
+
+                raise httpx.HTTPStatusError(f"{r.status_code} from jrm-serve: {r.text}", request=r.request, response=r)
+            out += r.json()["comparisons"]
+        return out
+
+    def p_a_beats_b(self, images_a: Any, images_b: Any, prompts: Sequence[str], ref_images: Any = None,
+                    ) -> tuple[np.ndarray, dict]:
+        """P(image_a[i] beats image_b[i]) for prompt i (and source image(s) ``ref_images[i]``, or None), as
+        the model's calibrated preference probability; info holds mu and sigma of both sides."""
+        a, b = _as_list(images_a), _as_list(images_b)
+        if not (len(a) == len(b) == len(prompts)):
+            raise ValueError(f"{len(a)} images_a, {len(b)} images_b and {len(prompts)} prompts: must be equal")
+        refs = _as_list(ref_images) if ref_images is not None else [None] * len(a)
+        if len(refs) != len(a):
+            raise ValueError(f"{len(a)} pairs but {len(refs)} ref_images")
+        pairs = []
+        for ia, ib, prompt, ref in zip(a, b, prompts, refs):
+            srcs = [] if ref is None else (list(ref) if isinstance(ref, (list, tuple)) else [ref])
+            pairs.append({"instruction": str(prompt), "source_images": [b64_png(s) for s in srcs],
+                          "a": {"image": b64_png(ia)}, "b": {"image": b64_png(ib)}})
+        res = self.compare(pairs)
+        col = lambda side, k: np.array([r[side][k] for r in res], dtype=np.float64)  # noqa: E731
+        info = {"mu_a": col("a", "mu"), "sigma_a": col("a", "sigma"), "mu_b": col("b", "mu"),
+                "sigma_b": col("b", "sigma")}
+        return np.array([r["p_a_beats_b"] for r in res], dtype=np.float64), info
 
     def reward_fn(self, images: Any, prompts: Sequence[str], metadata: Sequence[dict] | None = None,
                   ref_images: Any = None) -> tuple[np.ndarray, dict]:

@@ -1,7 +1,11 @@
 """``jrm-serve``: a reward server for online RL (Flow-GRPO / GRPO style) on a JRM checkpoint.
 
 POST /v1/reward with JSON ``{"items": [{"instruction", "source_images": [b64...], "image": b64}]}`` →
-``{"rewards": [{"mu", "sigma"}]}``. Requests are decoded and encoded (images → patches, prompt →
+``{"rewards": [{"mu", "sigma"}]}``. POST /v1/compare with ``{"pairs": [{"instruction", "source_images",
+"a": {"image"}, "b": {"image"}}]}`` → per pair both rewards and ``p_a_beats_b``, the model's P(A beats B)
+under the rank mode the checkpoint was trained with (see docs/calibration.md).
+
+Requests are decoded and encoded (images → patches, prompt →
 tokens) in the request's own thread, then queued; one worker drains the queue into batches of up to
 ``max_batch`` candidates, waiting at most ``max_wait_ms`` for more, so concurrent RL workers share
 forward passes. Only JSON is parsed (never pickle); body size, image pixels and items per request are
@@ -49,6 +53,36 @@ class Reward(BaseModel):
 
 class RewardResponse(BaseModel):
     rewards: list[Reward]
+    model: str
+    latency_ms: float
+
+
+class PairCandidate(BaseModel):
+    image: str = Field(..., description="base64 image of this candidate")
+    text: str | None = Field(None, description="optional candidate text shown with the image", max_length=20000)
+
+
+class PairItem(BaseModel):
+    instruction: str = Field(..., description="the instruction / prompt both candidates answer", max_length=20000)
+    source_images: list[str] = Field(default_factory=list, description="base64 source image(s) shared by a and b")
+    a: PairCandidate
+    b: PairCandidate
+
+
+class CompareRequest(BaseModel):
+    pairs: list[PairItem] = Field(..., min_length=1, description="pairs to compare (non-empty)")
+
+
+class Comparison(BaseModel):
+    a: Reward
+    b: Reward
+    p_a_beats_b: float = Field(..., description="P(A beats B) from both Gaussian rewards under the rank mode")
+
+
+class CompareResponse(BaseModel):
+    comparisons: list[Comparison]
+    rank_mode: str = Field(..., description="thurstone | bt_expected | bt: how p_a_beats_b was computed")
+    tie_margin: float = Field(..., description="> 0: P(A beats B | not a tie) under the trained tie model")
     model: str
     latency_ms: float
 
@@ -225,13 +259,16 @@ class DynamicBatcher:
 
 # ----------------------------------------------------------------------------- app
 def create_app(model_dir: str, max_batch: int = 16, max_wait_ms: float = 10.0, limits: Limits | None = None,
-               device: str = "auto", dtype: str = "float32", max_pixels: int | None = None, scorer=None) -> FastAPI:
-    """Build the app with the model loaded (``scorer`` lets a caller share an already-loaded one)."""
+               device: str = "auto", dtype: str = "float32", max_pixels: int | None = None, scorer=None,
+               rank_mode: str | None = None) -> FastAPI:
+    """Build the app with the model loaded (``scorer`` lets a caller share an already-loaded one).
+    ``rank_mode`` overrides the checkpoint's recorded loss for /v1/compare."""
     from contextlib import asynccontextmanager
 
-    from jrm_dist.eval.common import Scorer
+    from jrm_dist.eval.common import Scorer, rank_model
 
     limits = limits or Limits()
+    rank = rank_model(model_dir, rank_mode)
     scorer = scorer or Scorer(model_dir, batch_size=max_batch, device=device, dtype=dtype, max_pixels=max_pixels)
     batcher = DynamicBatcher(scorer, max_batch, max_wait_ms)
 
@@ -281,13 +318,51 @@ def create_app(model_dir: str, max_batch: int = 16, max_wait_ms: float = 10.0, l
         return RewardResponse(rewards=[Reward(mu=s.mu, sigma=s.sigma) for s in scores], model=str(model_dir),
                               latency_ms=1000 * (time.perf_counter() - t0))
 
+    def encode_pairs(req: CompareRequest) -> list:
+        """Two candidates per pair (a then b), the pair's source images decoded once for both."""
+        if 2 * len(req.pairs) > limits.max_items:
+            raise HTTPException(413, f"pairs: {len(req.pairs)} pairs = {2 * len(req.pairs)} candidates > "
+                                     f"max_items={limits.max_items}")
+        encoded = []
+        for i, pr in enumerate(req.pairs):
+            if len(pr.source_images) + 1 > limits.max_images_per_item:
+                raise HTTPException(413, f"pairs[{i}]: {len(pr.source_images) + 1} images per candidate > "
+                                         f"max_images_per_item={limits.max_images_per_item}")
+            src = [decode_image(s, limits, f"pairs[{i}].source_images[{j}]") for j, s in enumerate(pr.source_images)]
+            for side in ("a", "b"):
+                cand = getattr(pr, side)
+                im = decode_image(cand.image, limits, f"pairs[{i}].{side}.image")
+                try:
+                    encoded.append(scorer.encode(pr.instruction, src, [im], cand.text))
+                except ValueError as e:
+                    raise HTTPException(422, f"pairs[{i}].{side}: {e}") from None
+        return encoded
+
+    @app.post("/v1/compare", response_model=CompareResponse, summary="P(A beats B) for pairs of candidates",
+              responses={413: {"description": "body, image or batch too large"},
+                         422: {"description": "malformed JSON, wrong types, empty batch, bad image"}})
+    async def compare(req: CompareRequest) -> CompareResponse:
+        from jrm_dist.metrics import win_probability
+
+        t0 = time.perf_counter()
+        encoded = await run_in_threadpool(encode_pairs, req)
+        scores = await batcher.submit(encoded)
+        a, b = scores[0::2], scores[1::2]
+        p = win_probability([s.mu for s in a], [s.sigma for s in a], [s.mu for s in b], [s.sigma for s in b],
+                            mode=rank["rank_mode"], tie_margin=rank["tie_margin"]).tolist()
+        return CompareResponse(
+            comparisons=[Comparison(a=Reward(mu=x.mu, sigma=x.sigma), b=Reward(mu=y.mu, sigma=y.sigma), p_a_beats_b=q)
+                         for x, y, q in zip(a, b, p)],
+            rank_mode=rank["rank_mode"], tie_margin=rank["tie_margin"], model=str(model_dir),
+            latency_ms=1000 * (time.perf_counter() - t0))
+
     @app.get("/health", summary="Liveness and batching statistics")
     async def health() -> dict:
         s = batcher.stats
         return {"status": "ok", "model": str(model_dir), "max_batch": max_batch, "max_wait_ms": max_wait_ms,
                 "batches": s.batches, "requests": s.requests, "items": s.items,
                 "max_requests_in_batch": s.max_requests_in_batch, "queue": batcher.queue.qsize(),
-                "uptime_s": time.time() - s.started}
+                "uptime_s": time.time() - s.started, "rank_mode": rank["rank_mode"]}
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     return app
@@ -308,11 +383,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--max-pixels", type=int, default=None, help="cap on pixels fed to the model (resize)")
+    ap.add_argument("--rank-mode", default=None, choices=("thurstone", "bt_expected", "bt"),
+                    help="how /v1/compare computes P(A beats B) (default: the checkpoint's loss.rank_mode, else "
+                         "thurstone)")
     ap.add_argument("--log-level", default="info")
     a = ap.parse_args(argv)
     limits = Limits(max_body_bytes=int(a.max_body_mb * 1024 * 1024), max_image_pixels=a.max_image_pixels,
                     max_items=a.max_items)
-    app = create_app(a.model, a.max_batch, a.max_wait_ms, limits, a.device, a.dtype, a.max_pixels)
+    app = create_app(a.model, a.max_batch, a.max_wait_ms, limits, a.device, a.dtype, a.max_pixels,
+                     rank_mode=a.rank_mode)
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
 
 
