@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test demo bench clean-demo
+.PHONY: venv test demo bench clean-demo repro-toy
 
 # (Re)install when the venv is missing or setup.py changed. torch==2.13.0 first: it is the CPU wheel on
 # these machines and satisfies setup.py's range, so pip does not fetch a multi-GB CUDA build.
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# The JRM effect at toy scale: pretrained tiny backbone, rank-only vs alpha in {0.1, 0.3, 0.5}, 3 seeds each,
+# held-out accuracy per group kind, effective rank, calibration; report in runs/repro-toy/report.
+repro-toy: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m jrm_dist.repro --config configs/repro_toy.yaml $(REPRO_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -209,6 +209,7 @@ def main() -> None:
         emit("train: joint step pairs/s vs EditReward-style", ours["pairs_per_s"], base["pairs_per_s"], "pairs/s", True,
              "baseline: A then B forwards, full-vocabulary logits, MC(1000) rank loss")
         emit("train: joint step peak RSS", ours["peak_rss_mb"], base["peak_rss_mb"], "MB", False)
+        rank_only_vs_lm(args)
         if not args.skip_zero:
             z = zero_memory(tiny, tmp)
             one, two = z[1], z[2]
@@ -432,6 +433,45 @@ def bench_packing(args, tiny: str, tmp: Path) -> None:
                  "tokens", False, f"padding fraction {q['padding_fraction']:.3f} vs {u['padding_fraction']:.3f}")
             emit(f"train: packed vs unpacked images encoded per group, {tag}", q["images_per_group"],
                  u["images_per_group"], "images", False)
+
+
+def rank_only_vs_lm(args) -> None:
+    """Step time of the rank-only path (alpha = 0: no rationale tokens, LM head frozen and not called)
+    vs the same config with LM labels at alpha = 0.3, same backbone, same groups, in this process."""
+    import torch
+
+    from data_prep.synthetic import make_group
+    from jrm_dist.config import load_config
+    from jrm_dist.data.collate import Collator, encode_group
+    from jrm_dist.engine import build_model, build_optimizer, param_groups
+    from jrm_dist.objective import drop_lm, joint_objective
+    from jrm_dist.processing import RewardProcessor
+
+    torch.set_num_threads(args.threads)
+    proc = RewardProcessor.from_pretrained(args.backbone, max_pixels=3136, min_pixels=784, max_length=512)
+    col = Collator(proc)
+    res = {}
+    for alpha in (0.0, 0.3):
+        torch.manual_seed(0)
+        cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"model.name={args.backbone}", f"loss.alpha={alpha}"])
+        data = [col([encode_group(proc, *make_group(0, s * args.groups + g), use_rationale=alpha > 0)
+                     for g in range(args.groups)]) for s in range(args.steps + 1)]
+        model = build_model(cfg, proc.reward_token_id, None)
+        opt = build_optimizer(param_groups(model, cfg), cfg)
+        for i, b in enumerate(data):
+            if i == 1:
+                t0 = time.perf_counter()
+            b = drop_lm(b, cfg.loss, i)
+            loss = joint_objective(model(b), b, cfg.loss, i)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        res[alpha] = (time.perf_counter() - t0) / args.steps
+        del model, opt
+    print(f"\n== rank-only step (alpha=0) vs joint step with LM labels (alpha=0.3), {args.groups} groups x K=2")
+    print(f"{'step time (ms)':28s}{res[0.0] * 1e3:14.1f}{res[0.3] * 1e3:18.1f}{res[0.0] / res[0.3]:9.2f}x")
+    emit("train: rank-only (alpha=0) step time vs with LM labels (alpha=0.3)", res[0.0] * 1e3, res[0.3] * 1e3, "ms",
+         False, "alpha=0: no rationale tokens, LM head frozen and not called")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=2, help="candidates per group (2..6)")
     p.add_argument("--image-size", type=int, default=56)
+    p.add_argument("--quality-share", type=float, default=0.5,
+                   help="share of quality (noise) groups; the rest are colour (instruction-following) groups")
+    p.add_argument("--rationale-style", default="default", choices=("default", "verdict_first"),
+                   help="templated rationale: description then verdict (default) or verdict first")
     _common(p)
     p = sub.add_parser("rationales", help="join teacher rationales (by key) into existing shards")
     p.add_argument("--shards", required=True, help="input shards folder (with manifest.json)")
@@ -61,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _synthetic_convert(item: Item, seed: int, k: int, size: int, max_pixels: int | None) -> Result:
+def _synthetic_convert(item: Item, seed: int, k: int, size: int, max_pixels: int | None,
+                       quality_share: float = 0.5, rationale_style: str = "default") -> Result:
     from .synthetic import make_group
-    rec, images = make_group(seed, item.payload, k=k, size=size)
+    rec, images = make_group(seed, item.payload, k=k, size=size, quality_share=quality_share,
+                             rationale_style=rationale_style)
     sample: dict[str, bytes] = {"__key__": rec["key"]}
     for name, data in images.items():
         stored, ext = check_image(data, name, max_pixels)
@@ -128,14 +134,19 @@ def _write_command(args: argparse.Namespace, argv: list[str]) -> int:
         from .synthetic import COLOURS
         if not 2 <= args.k <= len(COLOURS) or args.image_size < 8 or args.groups < 0:
             raise PrepError(f"need 2 <= --k <= {len(COLOURS)}, --image-size >= 8, --groups >= 0")
+        if not 0.0 <= args.quality_share <= 1.0:
+            raise PrepError(f"--quality-share={args.quality_share}: must be in [0, 1]")
         options = {"groups": args.groups, "seed": args.seed, "k": args.k, "image_size": args.image_size,
                    "max_pixels": args.max_pixels}
+        if args.quality_share != 0.5 or args.rationale_style != "default":  # old manifests stay resumable
+            options.update(quality_share=args.quality_share, rationale_style=args.rationale_style)
         writer = ResumableShardWriter(args.out, source="synthetic", command=command, options=options, **common)
         total = args.groups
         items = (Item(index=i, file="synthetic", locator={"index": i}, key=None, payload=i)
                  for i in range(writer.skip_inputs, total))
         convert = functools.partial(_synthetic_convert, seed=args.seed, k=args.k, size=args.image_size,
-                                    max_pixels=args.max_pixels)
+                                    max_pixels=args.max_pixels, quality_share=args.quality_share,
+                                    rationale_style=args.rationale_style)
     elif args.cmd == "editreward":
         files = editreward.list_parquet(args.input)
         options = {"inputs": [_file_id(f) for f in files], "images": args.images, "max_pixels": args.max_pixels}

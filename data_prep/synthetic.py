@@ -67,9 +67,23 @@ def _speckle(png: bytes, fraction: float, rng: random.Random) -> bytes:
     return buf.getvalue()
 
 
-def rationale_for(asked: str, painted: str, quality: float = 4.0) -> str:
-    """Templated critique of one candidate (LM supervision for the joint model)."""
+RATIONALE_STYLES = ("default", "verdict_first")
+
+
+def rationale_for(asked: str, painted: str, quality: float = 4.0, style: str = "default") -> str:
+    """Templated critique of one candidate (LM supervision for the joint model).
+
+    ``verdict_first`` opens with the verdict and names the painted colour next to the asked one, so the
+    first rationale tokens (predicted from the end of the prompt, right after the reward token) carry
+    exactly what the reward needs; ``default`` describes first and concludes last."""
+    if style not in RATIONALE_STYLES:
+        raise ValueError(f"rationale style {style!r}: expected one of {RATIONALE_STYLES}")
     look = QUALITY_WORDS[quality]
+    if style == "verdict_first":
+        if asked != painted:
+            return f"Does not follow: the square is {painted}, not {asked}. The image is {look}."
+        verdict = "Follows" if quality == 4.0 else "Follows but degraded"
+        return f"{verdict}: the square is {painted}, as asked. The image is {look}."
     if asked == painted:
         verdict = {4.0: "so the edit follows it", 3.0: "but the result is slightly degraded"}.get(
             quality, "but the image quality is poor")
@@ -79,7 +93,7 @@ def rationale_for(asked: str, painted: str, quality: float = 4.0) -> str:
 
 
 def make_group(seed: int, index: int, k: int = 2, size: int = 56,
-               quality_share: float = 0.5) -> tuple[dict, dict[str, bytes]]:
+               quality_share: float = 0.5, rationale_style: str = "default") -> tuple[dict, dict[str, bytes]]:
     """Return (record, images): a valid schema record (key, instruction, source_images, candidates with
     images/scores/rationale, ranking) and the PNG bytes for every image field it names."""
     if not 2 <= k <= len(COLOURS):
@@ -115,7 +129,7 @@ def make_group(seed: int, index: int, k: int = 2, size: int = 56,
             "text": None,
             "model": "synthetic",
             "scores": {"instruction_following": instr, "quality_aesthetic": quality, "overall": instr + quality},
-            "rationale": rationale_for(asked, colour, quality),
+            "rationale": rationale_for(asked, colour, quality, rationale_style),
         })
     record = {
         "schema_version": SCHEMA_VERSION,

@@ -45,8 +45,9 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024):
-    """Train a byte-level BPE on a tiny corpus and wrap it as a PreTrainedTokenizerFast."""
+def build_tiny_tokenizer(vocab_size: int = 1024, extra_corpus: list[str] | None = None):
+    """Train a byte-level BPE on a tiny corpus and wrap it as a PreTrainedTokenizerFast.
+    ``extra_corpus`` (e.g. the pre-training captions) makes its words whole tokens too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +58,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
         vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator((_CORPUS + list(extra_corpus or [])) * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
@@ -66,7 +67,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
     return fast
 
 
-def tiny_config(tokenizer, hidden: int = 64, layers: int = 2):
+def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, vision_hidden: int = 64):
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
@@ -80,7 +81,7 @@ def tiny_config(tokenizer, hidden: int = 64, layers: int = 2):
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
     vision = dict(
-        depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=14, spatial_merge_size=2,
+        depth=2, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=4, patch_size=14, spatial_merge_size=2,
         temporal_patch_size=2, out_hidden_size=hidden, window_size=56, fullatt_block_indexes=[1],
     )
     return Qwen2_5_VLConfig(
@@ -158,13 +159,28 @@ def resolve_attn_implementation(choice: str) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Build the tiny offline Qwen2.5-VL backbone used by tests and the demo")
+    ap = argparse.ArgumentParser(description="Build the tiny offline Qwen2.5-VL backbone used by tests and the demo "
+                                 "(random weights), or with --pretrain a larger one pre-trained as a plain VLM")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=None, help="text hidden size (default 64; 128 with --pretrain)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 2; 4 with --pretrain)")
+    ap.add_argument("--pretrain", action="store_true",
+                    help="pre-train on synthetic captions / Q&A (jrm_dist.pretrain); reused when already done")
+    ap.add_argument("--steps", type=int, default=500, help="--pretrain: optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=48, help="--pretrain: samples per step")
+    ap.add_argument("--yes-no", action="store_true",
+                    help="--pretrain: add 'Is the square <colour>?' questions (read a colour word, check the image)")
+    ap.add_argument("--threads", type=int, default=1, help="--pretrain: torch threads (1 is fastest on a busy 2-core box)")
     a = ap.parse_args(argv)
-    print(build_tiny_backbone(a.out, seed=a.seed, hidden=a.hidden, layers=a.layers))
+    if a.pretrain:
+        from jrm_dist.pretrain import pretrain_tiny_backbone
+
+        print(pretrain_tiny_backbone(a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed,
+                                     hidden=a.hidden or 128, layers=a.layers or 4, threads=a.threads,
+                                     yes_no=a.yes_no))
+        return
+    print(build_tiny_backbone(a.out, seed=a.seed, hidden=a.hidden or 64, layers=a.layers or 2))
 
 
 if __name__ == "__main__":

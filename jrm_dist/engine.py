@@ -138,6 +138,22 @@ def _freeze(model, cfg: JRMConfig) -> None:
             raise ConfigError(f"{knob}=true matched no backbone parameter (unknown layout {type(bb).__name__})")
 
 
+def _freeze_lm_head_if_rank_only(model, cfg: JRMConfig) -> None:
+    """alpha = 0 for the whole run: the LM head is never called, so it gets no gradient and, with
+    requires_grad off, no optimizer state. Only when it is not tied to the input embeddings: a tied
+    matrix is also the input embedding, which the rank loss trains."""
+    from jrm_dist.objective import rank_only
+
+    if not rank_only(cfg.loss):
+        return
+    bb = model.backbone
+    out_emb, in_emb = bb.get_output_embeddings(), bb.get_input_embeddings()
+    if out_emb is None or out_emb.weight is in_emb.weight:
+        return
+    for p in out_emb.parameters():
+        p.requires_grad_(False)
+
+
 def _apply_lora(model, cfg: JRMConfig) -> None:
     """LoRA adapters on the backbone's matching Linear layers (peft); the base weights are frozen; the
     reward head (with the reward-token embedding) stays trainable."""
@@ -185,6 +201,7 @@ def build_model(cfg: JRMConfig, reward_token_id: int, ds_config: dict | None = N
     if cfg.model.lora.r > 0:
         _apply_lora(model, cfg)
     _freeze(model, cfg)
+    _freeze_lm_head_if_rank_only(model, cfg)
     model._hf_ds_config = keep  # keep zero.Init context config alive with the model
     return model
 

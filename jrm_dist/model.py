@@ -282,11 +282,15 @@ class JointRewardModel(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training path: mu, log_var, reward-token features, and the LM loss parts
         (``lm_loss_sum`` over labelled tokens and their count ``lm_tokens``; the trainer normalises).
-        A group-packed batch (``batch["packed"]``) keeps the unpacked label layout, so the LM part is shared."""
+        A group-packed batch (``batch["packed"]``) keeps the unpacked label layout, so the LM part is shared.
+        ``batch["labels"] = None`` (rank-only): the LM head is skipped, the LM parts are zeros."""
         hidden, feats = self._hidden_and_feats(batch)
         mu, log_var = self.reward_head(feats)
         zero = self._dummy_vision(batch, mu)
         mu = mu + zero
+        if batch.get("labels") is None:  # rank-only step (alpha = 0): the LM head is not called at all
+            return {"mu": mu, "log_var": log_var, "features": feats.float(), "lm_loss_sum": mu.new_zeros(()),
+                    "lm_tokens": torch.zeros((), dtype=torch.long, device=mu.device)}
         labels = batch["labels"][:, 1:]  # position t predicts token t+1
         keep = labels != IGNORE_INDEX
         h = hidden[:, :-1][keep]

@@ -61,6 +61,14 @@ def joint_objective(out: dict[str, torch.Tensor], batch: dict[str, Any], cfg: Lo
             "lm_tokens": out["lm_tokens"].detach().float()}
 
 
+def drop_lm(batch: dict[str, Any], cfg: LossConfig, step: int) -> dict[str, Any]:
+    """The batch the model sees at ``step``: labels removed when alpha is 0 there (the model then skips
+    the LM head; an alpha of 0 times an LM loss would still pay its forward, backward and optimizer)."""
+    if batch.get("labels") is not None and not lm_active(cfg, step):
+        return {**batch, "labels": None}
+    return batch
+
+
 def local_items(batch: dict[str, Any], cfg: LossConfig) -> tuple[int, int]:
     """(rank pairs, labelled LM tokens) of one micro-batch, counted as joint_objective counts them.
     The trainer all-reduces their sum over ranks and accumulation steps to get the step's divisors.
@@ -69,5 +77,19 @@ def local_items(batch: dict[str, Any], cfg: LossConfig) -> tuple[int, int]:
     n_pairs = batch["win_idx"].numel()
     if cfg.ties == "ignore" and batch["tie"].numel():
         n_pairs = int((~batch["tie"]).sum())
-    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    labels = batch.get("labels")
+    n_tokens = 0 if labels is None else int((labels[:, 1:] != -100).sum())
     return n_pairs, n_tokens
+
+
+def lm_active(cfg: LossConfig, step: int) -> bool:
+    """Whether step ``step`` needs the LM loss (alpha > 0). A pure function of the step, so every
+    ZeRO-3 rank makes the same choice and runs the same collectives."""
+    return alpha_at(step, cfg.alpha, cfg.alpha_schedule, cfg.alpha_start, cfg.alpha_ramp_steps) > 0
+
+
+def rank_only(cfg: LossConfig) -> bool:
+    """alpha is 0 at every step: no rationale is encoded, the LM head is frozen and never called."""
+    if cfg.alpha != 0:
+        return False
+    return cfg.alpha_schedule == "constant" or cfg.alpha_ramp_steps <= 0 or cfg.alpha_start == 0

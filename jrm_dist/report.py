@@ -1,6 +1,7 @@
 """jrm-report: gather finished JRM runs from MLflow into the paper's tables.
 
     jrm-report [--tracking-uri URI] [--experiment NAME ...] [--out report.md] [--json] [--all-statuses]
+               [--sweep [--plots DIR]]
 
 Reads each run's params (``loss.alpha``, ``model.name``, ``loss.rank_mode`` — the trainer logs the resolved
 config) and its latest metric values, under the names the stack logs them:
@@ -31,6 +32,147 @@ TIGER = "eval/tiger/overall/group_accuracy"
 EFF_RANK = "eval/effective_rank"
 HELDOUT = "eval/accuracy"
 PAPER = {"editreward_overall": 0.851, "mmrb2": 0.693, "eff_rank_jrm": 91.77, "eff_rank_rank_only": 46.86}
+
+
+# The alpha sweep of `make repro-toy` (jrm_dist/repro.py logs these per run): (key, metric, label, percent?)
+SWEEP_METRICS = (
+    ("heldout_acc", HELDOUT, "accuracy (all)", True),
+    ("acc_colour", "eval/accuracy/colour", "accuracy colour", True),
+    ("acc_quality", "eval/accuracy/quality", "accuracy quality", True),
+    ("eff_rank", EFF_RANK, "eff. rank", False),
+    ("caption_kept", "eval/caption_colour_accuracy", "caption colour kept", True),
+    ("log_likelihood", "eval/log_likelihood", "log-lik.", False),
+    ("brier", "eval/brier", "Brier", False),
+    ("ece", "eval/ece", "ECE", False),
+    ("sel_acc_25", "eval/sel_acc_25", "sel. acc 25%", True),
+    ("sel_acc_50", "eval/sel_acc_50", "sel. acc 50%", True),
+)
+# two-sided 97.5% quantiles of Student's t by degrees of freedom (beyond the table: the normal 1.96)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_interval(values: list[float]) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% t-interval over seeds, n); half-width NaN for n < 2."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan"), 1
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    df = n - 1
+    t = _T975.get(df) or next((_T975[k] for k in sorted(_T975) if k >= df), 1.96)
+    return mean, t * sd / math.sqrt(n), n
+
+
+def sweep_summary(rows: list["RunRow"]) -> dict[float, dict[str, tuple[float, float, int]]]:
+    """alpha → metric key → (mean, CI half-width, n seeds) over the runs that have the metric."""
+    out: dict[float, dict[str, tuple[float, float, int]]] = {}
+    for alpha in sorted({r.alpha for r in rows if r.alpha is not None}):
+        rs = [r for r in rows if r.alpha == alpha]
+        out[alpha] = {key: t_interval([r.metrics[key] for r in rs if r.metrics.get(key) is not None])
+                      for key, *_ in SWEEP_METRICS}
+    return out
+
+
+def render_sweep(rows: list["RunRow"]) -> str:
+    """Mean ± 95% CI (t over seeds) per alpha of held-out accuracy (all / per kind), effective rank and
+    the calibration of P(A beats B); alpha 0 is the rank-only baseline."""
+    summ = sweep_summary(rows)
+    if not summ:
+        return "No runs with loss.alpha found."
+
+    def cell(v, pct):
+        mean, hw, n = v
+        if n == 0:
+            return "–"
+        k = 100.0 if pct else 1.0
+        nd = 1 if pct else 3
+        return f"{k * mean:.{nd}f}" + ("" if n < 2 else f" ± {k * hw:.{nd}f}")
+    out = ["## Alpha sweep: mean ± 95% CI over seeds (t-interval)", "",
+           "| alpha | seeds | " + " | ".join(lbl + (" (%)" if pct else "") for _, _, lbl, pct in SWEEP_METRICS) + " |",
+           "|---|---:|" + "---:|" * len(SWEEP_METRICS)]
+    for alpha, m in summ.items():
+        n = max(v[2] for v in m.values())
+        out.append(f"| {alpha:g}{' (rank-only)' if alpha == 0 else ''} | {n} | "
+                   + " | ".join(cell(m[key], pct) for key, _, _, pct in SWEEP_METRICS) + " |")
+    out.append("\nlog-lik.: mean log P(observed winner) (higher is better); Brier and ECE: lower is better; "
+               "sel. acc k%: accuracy on the k% most confident pairs.")
+    return "\n".join(out)
+
+
+def sweep_plots(rows: list["RunRow"], out_dir: str, tracking_uri: str | None = None) -> list[str]:
+    """accuracy (all / colour / quality) and effective rank vs alpha (mean ± CI, seeds as dots), and the
+    reward-feature spectra (mean per alpha) from each run's ``repro_eval.json`` artifact when present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summ = sweep_summary(rows)
+    alphas = list(summ)
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for key, colour in (("heldout_acc", "black"), ("acc_colour", "tab:red"), ("acc_quality", "tab:blue")):
+        lbl = next(lbl for k, _, lbl, _ in SWEEP_METRICS if k == key)
+        ys = [summ[a][key] for a in alphas]
+        axes[0].errorbar(alphas, [y[0] for y in ys], yerr=[0 if y[2] < 2 else y[1] for y in ys], marker="o",
+                         capsize=3, color=colour, label=lbl)
+        for r in rows:
+            if r.metrics.get(key) is not None:
+                axes[0].plot(r.alpha, r.metrics[key], ".", color=colour, alpha=0.35)
+    axes[0].axhline(0.5, ls=":", color="grey", lw=1)
+    axes[0].set_xlabel("alpha (0 = rank-only)")
+    axes[0].set_ylabel("held-out pairwise accuracy")
+    axes[0].legend(fontsize=7)
+    ys = [summ[a]["eff_rank"] for a in alphas]
+    axes[1].errorbar(alphas, [y[0] for y in ys], yerr=[0 if y[2] < 2 else y[1] for y in ys], marker="o", capsize=3)
+    for r in rows:
+        if r.metrics.get("eff_rank") is not None:
+            axes[1].plot(r.alpha, r.metrics["eff_rank"], ".", color="tab:blue", alpha=0.35)
+    axes[1].set_xlabel("alpha (0 = rank-only)")
+    axes[1].set_ylabel("effective rank of reward features")
+    fig.suptitle("mean ± 95% CI over seeds; dots: single runs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_effrank_vs_alpha.png")
+    plt.close(fig)
+    paths.append(str(out / "accuracy_effrank_vs_alpha.png"))
+    spectra: dict[float, list[list[float]]] = {}
+    try:
+        from mlflow.tracking import MlflowClient
+
+        import tempfile
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in rows:
+                try:
+                    local = client.download_artifacts(r.run_id, "repro_eval.json", tmp)
+                except Exception:  # noqa: BLE001 - a run without the artifact simply has no spectrum
+                    continue
+                spectra.setdefault(r.alpha, []).append(json.loads(Path(local).read_text())["spectrum"])
+    except ImportError:
+        pass
+    if spectra:
+        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+        for alpha in sorted(spectra):
+            ss = spectra[alpha]
+            n = min(len(s) for s in ss)
+            mean = [sum(s[i] for s in ss) / len(ss) for i in range(n)]
+            ax.semilogy(range(1, n + 1), mean, label=f"alpha {alpha:g} ({len(ss)} runs)")
+        ax.set_xlabel("singular value index")
+        ax.set_ylabel("normalised singular value")
+        ax.set_title("reward-feature spectra (held-out), mean over seeds", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "spectra.png")
+        plt.close(fig)
+        paths.append(str(out / "spectra.png"))
+    return paths
 
 
 class ReportError(ValueError):
@@ -72,6 +214,7 @@ def row_from_run(run, experiment: str) -> RunRow:
         "overall": _num(m.get(EDIT + "overall")), "mmrb2": _num(m.get(MMRB2)), "tiger": _num(m.get(TIGER)),
         "eff_rank": _effective_rank(m), "heldout_acc": _num(m.get(HELDOUT)),
         **{f"mmrb2_{t}": _num(m.get(f"eval/mmrb2/subsets/{t}/accuracy")) for t in MMRB2_TASKS},
+        **{key: _num(m.get(name)) for key, name, _, _ in SWEEP_METRICS if key not in ("heldout_acc", "eff_rank")},
     }
     return RunRow(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8], experiment=experiment,
                   backbone=p.get("model.name", "?"), alpha=_num(alpha), rank_mode=p.get("loss.rank_mode", "?"),
@@ -174,13 +317,19 @@ def main(argv=None) -> int:
     ap.add_argument("--all-statuses", action="store_true", help="include running/failed runs")
     ap.add_argument("--out", default=None, help="write the markdown here too")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of markdown")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the alpha sweep only: mean ± 95%% CI over seeds per alpha (make repro-toy)")
+    ap.add_argument("--plots", default=None, help="--sweep: write accuracy / effective rank vs alpha and spectra here")
     a = ap.parse_args(argv)
     try:
         rows = gather(a.tracking_uri, a.experiment, a.all_statuses)
     except ReportError as e:
         print(f"jrm-report: error: {e}", file=sys.stderr)
         return 2
-    md = render(rows)
+    md = render_sweep(rows) if a.sweep else render(rows)
+    if a.sweep and a.plots and rows:
+        pngs = sweep_plots(rows, a.plots, a.tracking_uri)
+        md += "\n\nPlots: " + ", ".join(pngs)
     print(json.dumps([asdict(r) for r in rows], indent=2) if a.json else md)
     if a.out:
         with open(a.out, "w") as f:

@@ -29,6 +29,7 @@ is ever saved, pointed to by ``latest``, or exported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -164,7 +165,11 @@ class Trainer:
         self.pstats = partition_stats(self.model)
         log.info("model: %.3fM parameters, %.3fM on this rank (ZeRO stage %d, %d ranks)",
                  self.pstats["params_total"] / 1e6, self.pstats["params_local"] / 1e6, cfg.zero.stage, self.world)
-        self.loader = StreamingLoader.from_config(cfg.data, self.processor, rank=self.rank, world_size=self.world,
+        from jrm_dist.objective import rank_only
+        data_cfg = cfg.data
+        if rank_only(cfg.loss) and data_cfg.use_rationale:  # alpha = 0 throughout: do not encode rationales
+            data_cfg = dataclasses.replace(data_cfg, use_rationale=False)
+        self.loader = StreamingLoader.from_config(data_cfg, self.processor, rank=self.rank, world_size=self.world,
                                                   shards=self.shards)
         self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
@@ -267,7 +272,7 @@ class Trainer:
 
     # ---- one optimizer step
     def train_step(self) -> dict[str, float] | None:
-        from jrm_dist.objective import joint_objective, local_items
+        from jrm_dist.objective import drop_lm, joint_objective, local_items
 
         cfg, dist = self.cfg, self.dist
         t0 = time.perf_counter()
@@ -276,7 +281,7 @@ class Trainer:
             b = self._next_batch()
             if b is None:
                 return None
-            micro.append(b)
+            micro.append(drop_lm(b, cfg.loss, self.step))  # alpha = 0 at this step: no LM work
         items = torch.zeros(2, dtype=torch.float64)
         for b in micro:
             p, t = local_items(b, cfg.loss)
@@ -447,6 +452,7 @@ class Trainer:
         for b in loader:
             keys = b["keys"]
             bd = _to_device(b, self.dev)
+            bd["labels"] = None  # scoring only: the LM head is not needed
             out = self.engine(bd)
             mu = out["mu"].float().cpu()
             sigma = torch.exp(0.5 * out["log_var"].float()).cpu()

@@ -1,0 +1,142 @@
+"""The pieces of `make repro-toy`: the pretrained tiny backbone (a very short run: the machinery, not the
+90%), the verdict-first rationales and group mix of the synthetic task, the held-out scoring of an export
+(per-kind accuracy, effective rank, calibration), and the sweep table's t-intervals."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+
+def test_short_pretrain_writes_a_loadable_backbone_with_heldout_scores_and_is_reused(tmp_path):
+    from jrm_dist.backbones import load_backbone, load_tokenizer
+    from jrm_dist.pretrain import EVAL_FILE, pretrain_tiny_backbone
+
+    out = pretrain_tiny_backbone(tmp_path / "pt", steps=3, batch_size=4, hidden=64, layers=2, eval_samples=8,
+                                 threads=1)
+    res = json.loads((out / EVAL_FILE).read_text())
+    assert 0.0 <= res["caption_colour_accuracy"] <= 1.0 and res["steps"] == 3 and res["heldout_samples"] == 8
+    assert any(k.startswith("exact/") for k in res) and res["examples"]
+    tok = load_tokenizer(str(out))
+    for w in ("red", "purple", "grey", "speckled", "centre"):  # caption words are whole tokens
+        assert len(tok.tokenize(" " + w)) == 1, w
+    model = load_backbone(str(out))
+    assert model.config.get_text_config().hidden_size == 64
+    stamp = (out / EVAL_FILE).stat().st_mtime_ns
+    assert pretrain_tiny_backbone(out, steps=3) == out and (out / EVAL_FILE).stat().st_mtime_ns == stamp
+
+
+def test_pretrain_samples_describe_the_image():
+    import io
+    import random
+
+    from PIL import Image
+
+    from jrm_dist.pretrain import COLOUR_WORDS, make_sample
+
+    rng = random.Random(0)
+    for _ in range(30):
+        s = make_sample(rng)
+        im = Image.open(io.BytesIO(s.images[-1])).convert("RGB")
+        assert s.colour in COLOUR_WORDS
+        if s.kind == "colour":
+            assert s.answer == s.colour
+        if s.kind == "caption":
+            assert f" {s.colour} square" in s.answer
+        # the named colour is in the (last) image
+        assert COLOUR_WORDS[s.colour] in {c for _, c in im.getcolors(56 * 56)}
+
+
+def test_verdict_first_rationales_and_default_unchanged():
+    from data_prep.synthetic import make_group, rationale_for
+
+    assert rationale_for("red", "blue") == ("The square is now blue; the instruction asked for red, so the edit does "
+                                            "not follow it. The image is clean.")
+    assert rationale_for("red", "blue", style="verdict_first").startswith("Does not follow: the square is blue, not red")
+    assert rationale_for("red", "red", style="verdict_first").startswith("Follows: the square is red")
+    with pytest.raises(ValueError, match="rationale style"):
+        rationale_for("red", "red", style="nope")
+    rec, _ = make_group(0, 3, rationale_style="verdict_first")
+    assert all(c["rationale"].split(":")[0] in ("Follows", "Does not follow", "Follows but degraded")
+               for c in rec["candidates"])
+    assert make_group(0, 3)[0]["candidates"][0]["rationale"] == rationale_for(
+        rec["meta"]["asked"], rec["meta"]["colours"][0], rec["candidates"][0]["scores"]["quality_aesthetic"])
+    kinds = [make_group(0, i, quality_share=0.0)[0]["meta"]["kind"] for i in range(20)]
+    assert set(kinds) == {"colour"}
+
+
+def test_prep_cli_quality_share_and_style(tmp_path):
+    from data_prep.cli import main as prep
+    from jrm_dist.repro import _read_groups
+
+    d = tmp_path / "s"
+    assert prep(["synthetic", "--out", str(d), "--groups", "12", "--quality-share", "1.0", "--rationale-style",
+                 "verdict_first", "--quiet"]) == 0
+    recs = [r for r, _ in _read_groups(d)]
+    assert len(recs) == 12 and {r["meta"]["kind"] for r in recs} == {"quality"}
+    assert recs[0]["candidates"][0]["rationale"].startswith("Follows")
+    assert prep(["synthetic", "--out", str(tmp_path / "bad"), "--groups", "2", "--quality-share", "2",
+                 "--quiet"]) == 2
+
+
+def test_evaluate_export_reports_per_kind_accuracy_rank_and_calibration(jrm_checkpoint, synthetic_shards):
+    from pathlib import Path
+
+    from jrm_dist.repro import _read_groups, evaluate_export
+
+    res = evaluate_export(Path(jrm_checkpoint), Path(synthetic_shards["eval"]), "thurstone")
+    m = res["metrics"]
+    kinds = {r["meta"]["kind"] for r, _ in _read_groups(Path(synthetic_shards["eval"]))}
+    assert {f"eval/accuracy/{k}" for k in kinds} <= set(m)
+    for k in ("eval/accuracy", "eval/effective_rank", "eval/log_likelihood", "eval/brier", "eval/ece",
+              "eval/sel_acc_25", "eval/sel_acc_50", "eval/sel_acc_100"):
+        assert math.isfinite(m[k]), k
+    assert m["eval/pairs"] == 16 and m["eval/groups"] == 16  # K = 2: one decided pair per group
+    assert abs(m["eval/sel_acc_100"] - m["eval/accuracy"]) < 1e-9
+    assert abs(sum(res["spectrum"]) - 1) < 1e-6
+
+
+def test_t_interval_and_sweep_table():
+    from jrm_dist.report import RunRow, render_sweep, t_interval
+
+    mean, hw, n = t_interval([0.6, 0.7, 0.8])
+    assert n == 3 and abs(mean - 0.7) < 1e-12 and abs(hw - 4.303 * 0.1 / math.sqrt(3)) < 1e-9
+    assert math.isnan(t_interval([0.5])[1])
+    rows = [RunRow(f"r{a}{s}", f"alpha{a}-seed{s}", "e", "bb", a, "thurstone", "FINISHED",
+                   {"heldout_acc": 0.5 + a / 2 + s / 100, "acc_colour": 0.5, "eff_rank": 3.0})
+            for a in (0.0, 0.3) for s in range(3)]
+    md = render_sweep(rows)
+    assert "| 0 (rank-only) | 3 |" in md and "| 0.3 | 3 |" in md
+    assert f"{100 * (0.65 + 0.01):.1f} ± {100 * 4.303 * 0.01 / math.sqrt(3):.1f}" in md  # alpha 0.3, all
+
+
+def test_sweep_plots_write_pngs(tmp_path):
+    from jrm_dist.report import RunRow, sweep_plots
+
+    rows = [RunRow(f"r{a}{s}", f"alpha{a}-seed{s}", "e", "bb", a, "bt", "FINISHED",
+                   {"heldout_acc": 0.6, "acc_colour": 0.5 + s / 10, "acc_quality": 0.7, "eff_rank": 2.0 + a})
+            for a in (0.0, 0.5) for s in range(2)]
+    paths = sweep_plots(rows, str(tmp_path), tracking_uri=f"sqlite:///{tmp_path / 'none.db'}")
+    assert paths and all(p.endswith(".png") and (tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
+
+
+def test_probe_export_reports_what_the_reward_token_sees(jrm_checkpoint, synthetic_shards):
+    from pathlib import Path
+
+    from jrm_dist.repro import probe_export
+
+    res = probe_export(Path(jrm_checkpoint), Path(synthetic_shards["eval"]))
+    for k in ("lm_verdict_accuracy_at_last_prompt_token", "probe_follows_at_reward_token",
+              "probe_follows_at_last_prompt_token", "head_pair_accuracy_test_half"):
+        assert 0.0 <= res[k] <= 1.0, k
+    assert 0 < res["test_candidates"] < res["candidates"] and res["candidates"] % 2 == 0
+
+
+def test_caption_retention_reads_the_trained_backbone(jrm_checkpoint, tiny_backbone):
+    from pathlib import Path
+
+    from jrm_dist.repro import caption_retention
+
+    v = caption_retention(Path(jrm_checkpoint), Path(tiny_backbone), n=8)
+    assert 0.0 <= v <= 1.0
