@@ -41,6 +41,22 @@ def encode_group(processor: RewardProcessor, rec: Mapping[str, Any], images: Map
     return EncodedGroup(key, encoded, win, lose, tie)
 
 
+def group_pairs(groups: list[EncodedGroup]) -> dict[str, Any]:
+    """Pair index tensors over the batch's candidate rows (candidates in group order), the row → group
+    map and the keys: what every collator (padded or packed) adds for the rank loss."""
+    win, lose, tie, gidx = [], [], [], []
+    offset = 0
+    for gi, g in enumerate(groups):
+        win += [offset + w for w in g.win]
+        lose += [offset + l for l in g.lose]
+        tie += g.tie
+        gidx += [gi] * len(g.candidates)
+        offset += len(g.candidates)
+    return {"win_idx": torch.tensor(win, dtype=torch.long), "lose_idx": torch.tensor(lose, dtype=torch.long),
+            "tie": torch.tensor(tie, dtype=torch.bool), "group_index": torch.tensor(gidx, dtype=torch.long),
+            "keys": [g.key for g in groups]}
+
+
 class Collator:
     """Pads candidate sequences (right padding) and builds pair index tensors."""
 
@@ -66,21 +82,11 @@ class Collator:
             mm[i, :n] = c.mm_token_type_ids
         pv = [c.pixel_values for c in cands if c.pixel_values is not None]
         grid = [c.image_grid_thw for c in cands if c.image_grid_thw is not None]
-        win, lose, tie, gidx = [], [], [], []
-        offset = 0
-        for gi, g in enumerate(groups):
-            win += [offset + w for w in g.win]
-            lose += [offset + l for l in g.lose]
-            tie += g.tie
-            gidx += [gi] * len(g.candidates)
-            offset += len(g.candidates)
         return {
             "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "mm_token_type_ids": mm,
             "reward_pos": torch.tensor([c.reward_pos for c in cands], dtype=torch.long),
             "pixel_values": torch.cat(pv) if pv else None,
             "image_grid_thw": torch.cat(grid) if grid else None,
             "dummy_pixel_values": self.dummy_pixel_values, "dummy_image_grid_thw": self.dummy_image_grid_thw,
-            "win_idx": torch.tensor(win, dtype=torch.long), "lose_idx": torch.tensor(lose, dtype=torch.long),
-            "tie": torch.tensor(tie, dtype=torch.bool), "group_index": torch.tensor(gidx, dtype=torch.long),
-            "keys": [g.key for g in groups],
+            **group_pairs(groups),
         }

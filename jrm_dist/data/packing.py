@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from jrm_dist.data.collate import group_pairs
 from jrm_dist.processing import IGNORE_INDEX, Encoded, RewardProcessor, dummy_vision_inputs
 
 
@@ -167,20 +168,8 @@ class PackedCollator:
 
     def __call__(self, groups) -> dict[str, Any]:
         batch = pack([g.candidates for g in groups], self.merge)
-        win, lose, tie, gidx = [], [], [], []
-        offset = 0
-        for gi, g in enumerate(groups):
-            win += [offset + w for w in g.win]
-            lose += [offset + l for l in g.lose]
-            tie += g.tie
-            gidx += [gi] * len(g.candidates)
-            offset += len(g.candidates)
-        batch.update({
-            "dummy_pixel_values": self.dummy_pixel_values, "dummy_image_grid_thw": self.dummy_image_grid_thw,
-            "win_idx": torch.tensor(win, dtype=torch.long), "lose_idx": torch.tensor(lose, dtype=torch.long),
-            "tie": torch.tensor(tie, dtype=torch.bool), "group_index": torch.tensor(gidx, dtype=torch.long),
-            "keys": [g.key for g in groups],
-        })
+        batch.update({"dummy_pixel_values": self.dummy_pixel_values, "dummy_image_grid_thw": self.dummy_image_grid_thw,
+                      **group_pairs(groups)})
         return batch
 
 

@@ -379,12 +379,16 @@ def create_app(model_dir: str, max_batch: int = 16, max_wait_ms: float = 10.0, l
                 raise HTTPException(413, f"items[{i}]: {len(it.source_images) + 1} images > "
                                          f"max_images_per_item={limits.max_images_per_item}")
             src = [decode_image(s, limits, f"items[{i}].source_images[{j}]") for j, s in enumerate(it.source_images)]
-            cand = decode_image(it.image, limits, f"items[{i}].image")
-            try:
-                encoded.append(scorer.encode(it.instruction, src, [cand], it.text))
-            except ValueError as e:  # e.g. a prompt longer than the model's max_length
-                raise HTTPException(422, f"items[{i}]: {e}") from None
+            encoded.append(encode_candidate(it.instruction, src, it.image, it.text, f"items[{i}]", ".image"))
         return encoded
+
+    def encode_candidate(instruction: str, src: list, image_b64: str, text: str | None, where: str, field: str):
+        """Decode one candidate image and encode it with its (already decoded) source images."""
+        cand = decode_image(image_b64, limits, where + field)
+        try:
+            return scorer.encode(instruction, src, [cand], text)
+        except ValueError as e:  # e.g. a prompt longer than the model's max_length
+            raise HTTPException(422, f"{where}: {e}") from None
 
     @app.post("/v1/reward", response_model=RewardResponse, summary="Score a batch of edits",
               responses={413: {"description": "body, image or batch too large"},
@@ -410,11 +414,7 @@ def create_app(model_dir: str, max_batch: int = 16, max_wait_ms: float = 10.0, l
             src = [decode_image(s, limits, f"pairs[{i}].source_images[{j}]") for j, s in enumerate(pr.source_images)]
             for side in ("a", "b"):
                 cand = getattr(pr, side)
-                im = decode_image(cand.image, limits, f"pairs[{i}].{side}.image")
-                try:
-                    encoded.append(scorer.encode(pr.instruction, src, [im], cand.text))
-                except ValueError as e:
-                    raise HTTPException(422, f"pairs[{i}].{side}: {e}") from None
+                encoded.append(encode_candidate(pr.instruction, src, cand.image, cand.text, f"pairs[{i}].{side}", ".image"))
         return encoded
 
     @app.post("/v1/compare", response_model=CompareResponse, summary="P(A beats B) for pairs of candidates",
