@@ -402,6 +402,9 @@ def test_sbatch_two_nodes_preempt_requeue_resume(slurm, tiny_backbone, synthetic
             break
         assert time.time() < deadline, f"nodes not idle after the requeue: {states}"
         time.sleep(0.5)
+    # slurmd revokes the job's credentials at the requeue with a timestamp in whole seconds and refuses a
+    # credential created in that same second ("Job credential revoked", seen in CI): release it later.
+    time.sleep(2.0)
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True)
     info = wait_for(jid, lambda i: i["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 400, log,
                     "completion")
