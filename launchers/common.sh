@@ -124,15 +124,16 @@ jrm_maybe_requeue() {
     jrm_log "$why: checkpoint written; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)); resumes with --resume auto)"
     # Slurm signals every process of the job (this shell and scontrol included) as part of a successful
     # requeue, so scontrol can die with 143 although the job was requeued: ignore TERM meanwhile, and
-    # on a non-zero status ask Slurm whether the requeue happened before calling it a failure.
+    # on a non-zero status ask Slurm whether the requeue happened before calling it a failure. On success
+    # TERM stays ignored: the requeue's TERM can arrive after scontrol returns and would cut the message.
     local rc=0 msg
     trap '' TERM
     msg="$(scontrol requeue "$SLURM_JOB_ID" 2>&1)" || rc=$?
-    trap - TERM
     if ((rc == 0)) || jrm_job_requeued "$restarts"; then
         jrm_log "job $SLURM_JOB_ID requeued (scontrol requeue exit $rc); Slurm ends this run now"
         return 0
     fi
+    trap - TERM
     jrm_log "scontrol requeue failed (exit $rc: ${msg:-no message}); resubmit the same sbatch line to resume from the checkpoint"
     return 1
 }
