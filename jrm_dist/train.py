@@ -659,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         print(f"jrm-train: error: {e}", file=sys.stderr, flush=True)
         code = ABORT_EXIT_CODE
+        # Every abort is decided on agreed (all-reduced) numbers, so all ranks are here: leave together.
+        # A rank that tore its process group down while a peer was still closing its run died of SIGABRT.
+        torch.distributed.barrier()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return code
