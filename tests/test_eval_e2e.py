@@ -16,6 +16,8 @@ from jrm_dist.eval import cli, mmrb2, tiger
 from jrm_dist.eval.common import Scorer
 from jrm_dist.metrics import calibration_metrics, win_probability
 
+from bench_releases import write_editscore_release
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
            "grey": (128, 128, 128), "purple": (140, 40, 170)}
 
@@ -45,12 +47,6 @@ def offline(jrm_checkpoint):
 
 # ------------------------------------------------------------------ EditScore release
 def _editscore_folder(path):
-    datasets = pytest.importorskip("datasets")
-    feats = datasets.Features({
-        "key": datasets.Sequence(datasets.Value("string"), length=2), "instruction": datasets.Value("string"),
-        "input_image": datasets.Image(), "output_images": datasets.Sequence(datasets.Image(), length=2),
-        "task_type": datasets.Value("string"), "dimension": datasets.Value("string")})
-    im = lambda b: {"bytes": b, "path": None}  # noqa: E731
     src = png("grey")
     rows = [  # (keys, instruction, outputs, task, dimension)
         (["k1", "k2"], "make the square red", [png("red"), png("blue")], "subject-add", "overall"),
@@ -59,11 +55,7 @@ def _editscore_folder(path):
          "overall"),
         (["k5", "k5"], "make the square blue", [png("blue"), png("blue")], "extract", "consistency"),  # exact tie
     ]
-    ds = datasets.Dataset.from_dict({
-        "key": [r[0] for r in rows], "instruction": [r[1] for r in rows], "input_image": [im(src)] * len(rows),
-        "output_images": [[im(b) for b in r[2]] for r in rows], "task_type": [r[3] for r in rows],
-        "dimension": [r[4] for r in rows]}, features=feats)
-    ds.save_to_disk(str(path))
+    write_editscore_release(path, [(k, ins, src, outs, task, dim) for k, ins, outs, task, dim in rows])
     return src, rows
 
 

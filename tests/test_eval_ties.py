@@ -14,6 +14,8 @@ from jrm_dist.eval import mmrb2, tiger
 from jrm_dist.eval.common import Scorer
 from jrm_dist.eval.editscore import EditScoreBench
 
+from bench_releases import write_editscore_release
+
 BATCHES = (1, 3, 8)
 SIZES = [(56, 42), (112, 84), (28, 28), (84, 56)]  # different prompt lengths: batches pad differently
 
@@ -45,17 +47,8 @@ def scorers(jrm_checkpoint):
 
 
 def editscore_folder(path, rows):
-    datasets = pytest.importorskip("datasets")
-    feats = datasets.Features({
-        "key": datasets.Sequence(datasets.Value("string"), length=2), "instruction": datasets.Value("string"),
-        "input_image": datasets.Image(), "output_images": datasets.Sequence(datasets.Image(), length=2),
-        "task_type": datasets.Value("string"), "dimension": datasets.Value("string")})
-    im = lambda b: {"bytes": b, "path": None}  # noqa: E731
-    datasets.Dataset.from_dict({
-        "key": [r[0] for r in rows], "instruction": [r[1] for r in rows], "input_image": [im(r[2]) for r in rows],
-        "output_images": [[im(b) for b in r[3]] for r in rows],
-        "task_type": [r[4] if len(r) > 4 else "subject-add" for r in rows],
-        "dimension": ["overall"] * len(rows)}, features=feats).save_to_disk(str(path))
+    write_editscore_release(path, [(r[0], r[1], r[2], r[3], r[4] if len(r) > 4 else "subject-add", "overall")
+                                   for r in rows])
     return EditScoreBench(path)
 
 
