@@ -334,12 +334,7 @@ def section_kernels(rep: Report, dev: torch.device, cpu: bool, budget: Budget) -
     with guarded(rep, "rank_fp32_extremes"):
         # --- rank loss, extremes (|dmu| to 1e4, log_var +-30, ties): vs the CPU path, checked against mpmath in tests
         g = Group(rep, "rank_fp32_extremes", budget, reserve)
-        ex = rk_t.EXTREME
-        n = len(ex)
-        mu = torch.tensor([v for z, *_ in ex for v in (z, 0.0)])
-        lv = torch.tensor([v for _, a, b, _ in ex for v in (a, b)])
-        win, lose = torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2)
-        tie = torch.tensor([t for *_, t in ex])
+        mu, lv, win, lose, tie = rk_t.extreme_pairs()
         for mode in ("thurstone", "bt_expected", "bt"):
             if not g.time_ok():
                 break

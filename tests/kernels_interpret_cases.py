@@ -59,12 +59,7 @@ def test_rank_kernel_matches_reference(mode, reduction):
 @pytest.mark.parametrize("mode", ["thurstone", "bt_expected", "bt"])
 def test_rank_kernel_extremes_match_cpu_path(mode):
     """Same extreme grid as the mpmath test; the CPU path is checked against mpmath there."""
-    ex = rank_cases.EXTREME
-    n = len(ex)
-    mu = torch.tensor([v for z, *_ in ex for v in (z, 0.0)])
-    lv = torch.tensor([v for _, a, b, _ in ex for v in (a, b)])
-    win, lose = torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2)
-    tie = torch.tensor([t for *_, t in ex])
+    mu, lv, win, lose, tie = rank_cases.extreme_pairs()
     got = rank_cases.loss_and_grads(triton_rank, mu, lv, win, lose, tie, mode=mode, reduction="none")
     want = rank_cases.loss_and_grads(torch_rank, mu, lv, win, lose, tie, mode=mode, reduction="none")
     for g, w in zip(got, want):

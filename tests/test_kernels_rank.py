@@ -122,15 +122,21 @@ EXTREME = [(z, a, b, t) for z, (a, b), t in itertools.product(
     [False, True])]
 
 
-@pytest.mark.parametrize("mode", ["thurstone", "bt_expected", "bt"])
-def test_extremes_against_mpmath(mode):
-    """|dmu| up to 1e4 and log_var in [-30, 30], with and without ties: finite, and right to fp32 precision."""
-    m = 0.5
+def extreme_pairs():
+    """EXTREME as (mu, log_var, win, lose, tie): pair i compares candidate 2i (mu = z) with 2i+1 (mu = 0)."""
     n = len(EXTREME)
     mu = torch.tensor([v for z, *_ in EXTREME for v in (z, 0.0)])
     lv = torch.tensor([v for _, a, b, _ in EXTREME for v in (a, b)])
     win, lose = torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2)
     tie = torch.tensor([t for *_, t in EXTREME])
+    return mu, lv, win, lose, tie
+
+
+@pytest.mark.parametrize("mode", ["thurstone", "bt_expected", "bt"])
+def test_extremes_against_mpmath(mode):
+    """|dmu| up to 1e4 and log_var in [-30, 30], with and without ties: finite, and right to fp32 precision."""
+    m = 0.5
+    mu, lv, win, lose, tie = extreme_pairs()
     loss, gmu, glv = loss_and_grads(jrm_kernels.gaussian_rank_loss, mu, lv, win, lose, tie, mode=mode,
                                     reduction="none", tie_margin=m)
     assert torch.isfinite(loss).all() and torch.isfinite(gmu).all() and torch.isfinite(glv).all()
