@@ -168,6 +168,15 @@ def _apply_lora(model, cfg: JRMConfig) -> None:
     assert model.backbone.get_output_embeddings() is lm_head
 
 
+def _match_zero3_dtype(model, dtype: torch.dtype) -> None:
+    """Parameters added after ``zero.Init`` (peft's LoRA adapters, which it keeps in fp32 over a bf16 base) in
+    the model's dtype: ZeRO-3 flattens all trainable partitions into one buffer of one dtype (its ``defragment``
+    asserts it) and keeps the fp32 master copies itself, so nothing is lost in the optimizer step."""
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def build_model(cfg: JRMConfig, reward_token_id: int, ds_config: dict | None = None):
     """The JointRewardModel; under ZeRO-3 built inside ``HfDeepSpeedConfig`` so transformers loads the
     weights straight into partitions (``zero.Init``) and the new head is initialised in
@@ -185,7 +194,14 @@ def build_model(cfg: JRMConfig, reward_token_id: int, ds_config: dict | None = N
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
-    backbone = load_backbone(cfg.model.name, dtype=_dtype(cfg), attn_implementation=cfg.model.attn_implementation)
+    if keep is not None and os.path.isdir(cfg.model.name):
+        from jrm_dist.backbones import resolve_attn_implementation
+        from jrm_dist.partitioned_load import load_backbone_partitioned
+
+        backbone = load_backbone_partitioned(cfg.model.name, _dtype(cfg),
+                                             resolve_attn_implementation(cfg.model.attn_implementation))
+    else:
+        backbone = load_backbone(cfg.model.name, dtype=_dtype(cfg), attn_implementation=cfg.model.attn_implementation)
     add_reward_token(backbone, reward_token_id)
     torch.manual_seed(cfg.train.seed)
     if keep is not None:
@@ -200,6 +216,8 @@ def build_model(cfg: JRMConfig, reward_token_id: int, ds_config: dict | None = N
         backbone.config.use_cache = False
     if cfg.model.lora.r > 0:
         _apply_lora(model, cfg)
+        if keep is not None:
+            _match_zero3_dtype(model, _dtype(cfg))
     _freeze(model, cfg)
     _freeze_lm_head_if_rank_only(model, cfg)
     model._hf_ds_config = keep  # keep zero.Init context config alive with the model
