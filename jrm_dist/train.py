@@ -232,7 +232,7 @@ class Trainer:
     def _train_shards(self) -> list:
         """data.train_shards resolved (and with data.verify, every shard's sha256 checked, the shards split
         over the ranks) before the model is built, so a wrong path fails in seconds naming the key."""
-        from jrm_dist.data.loader import resolve_config_shards, verify_shards
+        from jrm_dist.data.shards import resolve_config_shards, verify_shards
 
         err: list = [None]
         shards = []

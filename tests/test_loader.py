@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from data_prep.cli import main as prep
-from jrm_dist.data.loader import StreamingLoader, resolve_shards, shuffle_order
+from jrm_dist.data.loader import StreamingLoader
+from jrm_dist.data.shards import resolve_shards
+from jrm_dist.data.slices import shuffle_order
 from jrm_dist.processing import IGNORE_INDEX
 
 
@@ -148,14 +150,14 @@ def test_brace_pattern_without_manifest_counts_samples(shards, tmp_path, caplog)
     for n in os.listdir(shards):
         if n.endswith(".tar"):
             shutil.copy(os.path.join(shards, n), copy / n)
-    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.shards"):
         from_pattern = resolve_shards(str(copy / "shard-{000000..000009}.tar"))
     assert "counting its samples" in caplog.text
     from_manifest = resolve_shards(shards)
     assert [s.count for s in from_pattern] == [s.count for s in from_manifest] == [5] * 9 + [3]
     # a brace pattern next to a manifest takes its counts from it (no counting pass)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.shards"):
         assert [s.count for s in resolve_shards(os.path.join(shards, "shard-{000000..000009}.tar"))] == [5] * 9 + [3]
     assert "counting" not in caplog.text
     # pipe: URLs go through webdataset's gopen
@@ -352,3 +354,4 @@ def test_damaged_shards_resume_exactly(damaged):
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     got += [b["keys"] for b in resumed]
     assert got == ref and resumed.corrupt_samples == full.corrupt_samples
+
