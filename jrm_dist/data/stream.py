@@ -53,7 +53,7 @@ class GroupStream(IterableDataset):
             return self.encode_fn(rec, images), None
         except (ValueError, KeyError, TypeError, OSError) as exc:
             return None, damage_entry(plan.shards[shard].url, raw.get("__offset__"), raw.get("__key__"),
-                                f"{type(exc).__name__}: {exc}")
+                                     f"{type(exc).__name__}: {exc}")
 
     def __iter__(self):
         info = get_worker_info()

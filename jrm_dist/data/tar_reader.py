@@ -5,7 +5,8 @@ with a json member), so a member that belongs to no record (a stray file, the im
 json is missing) does not shift the records after it. Everything unusable is counted once, with its
 shard, byte offset and key: such members by the reader that hands out the next record; a record that
 fails to decode or validate where it is handed out; the positions a truncated shard leaves without a
-record where they fall (a position already explained by a counted member is not counted again).
+record where they fall (a position already explained by the counted members of a broken record is
+not counted again; a stray file holds no position and explains none).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
+from jrm_dist.data.schema import is_record_field
 from jrm_dist.data.slices import SlicePlan
 
 
@@ -34,7 +36,10 @@ def damage_entry(url: str, offset: int | None, key: str | None, reason: str) -> 
     return {"shard": os.path.basename(url), "offset": offset, "key": key, "reason": reason}
 
 
-OPEN_GROUPS = 4  # records assembled at once: a stray member between two members of one record is tolerated
+# Records (key groups with a json member) assembled at once. Groups without a json member (stray files,
+# the first images of a record whose json comes later) wait alongside and do not count, so no number of
+# strays between the members of one record closes it early.
+OPEN_RECORDS = 4
 
 
 def shard_records(stream, url: str) -> Iterator[tuple]:
@@ -44,24 +49,27 @@ def shard_records(stream, url: str) -> Iterator[tuple]:
     Yields ``("record", sample, unusable_before)`` per group that has a ``json`` member, in order, where
     ``sample`` is ``{"__key__", "__offset__", field: bytes}`` and ``unusable_before`` lists the members
     since the previous record that belong to no record (entries with shard, offset, key, reason); then
-    one ``("end", unusable_after, n_unusable, error)``; ``error`` is None or why the tar stopped reading.
+    one ``("end", unusable_after, n_broken, error, stop_offset)``: ``n_broken`` counts the unusable groups
+    that are broken records (only record fields, see :func:`jrm_dist.data.schema.is_record_field`) and so
+    hold a position of the shard, unlike stray files; ``error`` is None or why the tar stopped reading;
+    ``stop_offset`` is the byte after the last member read in full.
     """
     open_: dict[str, dict] = {}
     unusable: list[dict] = []
-    n_unusable = 0
+    n_broken = 0
 
     def finish(g: dict):
-        nonlocal unusable, n_unusable
+        nonlocal unusable, n_broken
         if "json" in g and not g.get("__dup__"):
             out, unusable = ("record", g, unusable), []
             return out
-        n_unusable += 1
+        n_broken += all(is_record_field(f) for f in g if not f.startswith("__"))
         why = f"field {g['__dup__']!r} twice" if g.get("__dup__") else \
             f"no json member (members: {', '.join(sorted(k for k in g if not k.startswith('__'))) or 'none'})"
         unusable.append(damage_entry(url, g["__offset__"], g["__key__"], f"not a record: {why}"))
         return None
 
-    error = None
+    error, stop_offset = None, 0
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")
         for m in tar:
@@ -69,26 +77,34 @@ def shard_records(stream, url: str) -> Iterator[tuple]:
                 continue
             prefix, suffix = base_plus_ext(m.name)
             data = tar.extractfile(m).read()
+            stop_offset = m.offset_data + m.size
             tar.members = []  # stream mode: do not keep every header
             key = prefix if prefix is not None else m.name
-            g = open_.get(key)
-            if g is None:
-                g = open_[key] = {"__key__": os.path.basename(key), "__offset__": m.offset}
-                if len(open_) > OPEN_GROUPS:
-                    done = finish(open_.pop(next(iter(open_))))
-                    if done:
-                        yield done
+            g = open_.setdefault(key, {"__key__": os.path.basename(key), "__offset__": m.offset})
             field = (suffix or "").lower()
             if field in g:
                 g["__dup__"] = field
             g[field] = data
+            if field == "json" and sum("json" in o for o in open_.values()) > OPEN_RECORDS:
+                yield from _close_oldest_record(open_, finish)
     except Exception as exc:  # noqa: BLE001 - truncated or damaged tar: what was read still counts
         error = f"{type(exc).__name__}: {exc}"
     for g in list(open_.values()):
         done = finish(g)
         if done:
             yield done
-    yield ("end", unusable, n_unusable, error)
+    yield ("end", unusable, n_broken, error, stop_offset)
+
+
+def _close_oldest_record(open_: dict[str, dict], finish) -> Iterator[tuple]:
+    """Finish the groups opened before the oldest open record, then that record (in the order they began)."""
+    while open_:
+        g = open_.pop(next(iter(open_)))
+        done = finish(g)
+        if done:
+            yield done
+        if "json" in g:
+            return
 
 
 class SliceReader:
@@ -139,13 +155,15 @@ class SliceReader:
                 if idx == count - 1:  # the shard's last position also reports what follows it
                     sample["__corrupt__"] += self._drain(url, count)
                 return sample
-        _, after, n_unusable, error = self._end
+        _, after, n_broken, error, stop = self._end
         have = self._idx
-        why = (f"no record at position {idx}: the tar stopped reading after {have} record(s) ({error})" if error
-               else f"no record at position {idx}: the shard has {have} record(s), the manifest says {count}")
-        # a record broken into unusable members was counted there; do not count the hole it left again
-        return Corrupt(damage_entry(url, None, None, why), counted=idx - have >= n_unusable,
-                        extra=list(after) if idx == have else [])
+        why = (f"no record at position {idx}: the tar stopped reading after {have} record(s) at byte {stop} "
+               f"({error})" if error else
+               f"no record at position {idx}: the shard has {have} record(s), the manifest says {count}")
+        # a record broken into unusable members was counted there; do not count the hole it left again (a
+        # stray file holds no position, so it explains no hole)
+        return Corrupt(damage_entry(url, stop, None, why), counted=idx - have >= n_broken,
+                       extra=list(after) if idx == have else [])
 
     def _drain(self, url: str, count: int) -> list[dict]:
         extra = []
@@ -155,7 +173,7 @@ class SliceReader:
                 return extra + list(item[1])
             extra += list(item[2])
             extra.append(damage_entry(url, item[1]["__offset__"], item[1]["__key__"],
-                                f"record beyond the manifest's count of {count} for this shard"))
+                                      f"record beyond the manifest's count of {count} for this shard"))
             self._idx += 1
         return extra
 
