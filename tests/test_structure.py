@@ -197,3 +197,15 @@ def test_no_tracked_file_holds_a_path_of_one_machine():
             continue
         hits += [f"{rel}:{i}: {ln.strip()}" for i, ln in enumerate(text.splitlines(), 1) if machine.search(ln)]
     assert not hits, "\n".join(hits)
+
+
+def test_a_launch_from_a_test_not_marked_launch_fails_naming_it(request):
+    """`make test-quick` runs `-m "not launch"`: conftest.py tells train_launch which test runs, and spawn()
+    refuses to start jrm-train for a test that is not marked, so the quick loop cannot silently grow launches."""
+    import train_launch
+
+    assert train_launch.RUNNING_TEST is request.node and request.node.get_closest_marker("launch") is None
+    with pytest.raises(RuntimeError, match=re.escape(request.node.nodeid) + ".*not marked @pytest.mark.launch"):
+        train_launch.spawn(["train.max_steps=1"], world=1)
+    request.node.add_marker(pytest.mark.launch)
+    train_launch.check_marked_launch()  # marked: allowed
