@@ -21,7 +21,7 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=20
 
-# The edit-test loop: the unit tests, without the tests marked `launch` (jrm-train / torchrun / Slurm jobs).
+# The edit-test loop: the unit tests, without the tests marked `launch` (whole programs in other processes).
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not launch" --durations=10
 

@@ -54,6 +54,7 @@ def test_cpu_mode_runs_every_section_and_writes_the_report(tmp_path):
     assert "Traceback" not in log
 
 
+@pytest.mark.launch  # the kit's kernels and speed sections, under the Triton interpreter
 def test_failing_checks_and_raising_groups_fail_the_process(tmp_path):
     """A wrong reference (masked LM loss off by 1%) fails its checks; a reference that raises (rank loss in bf16)
     is recorded as an error while the later groups still run; both are in the report, and the exit status is 1."""
