@@ -1,10 +1,10 @@
-# jrm-dist: `make demo` (toy end-to-end run) and `make test` (the whole suite). Both set up .venv first.
+# jrm-dist: `make demo` (toy end-to-end run), `make test` (the whole suite) and `make test-quick` (unit tests). Each sets up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test demo bench clean-demo repro-toy
+.PHONY: venv test test-quick demo bench clean-demo repro-toy
 
 # (Re)install when the venv is missing or setup.py changed. torch==2.13.0 first: it is the CPU wheel on
 # these machines and satisfies setup.py's range, so pip does not fetch a multi-GB CUDA build.
@@ -17,8 +17,13 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
+# The whole suite (what CI runs), with the 20 slowest tests listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
+
+# The edit-test loop: the unit tests, without the tests marked `launch` (whole programs in other processes).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not launch" --durations=10
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" DEMO_DIR="$(DEMO_DIR)" bash launchers/demo.sh

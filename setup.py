@@ -50,7 +50,7 @@ setup(
             "jrm-explain=jrm_dist.explain:main",
             "jrm-plan=jrm_dist.plan:main",
             "jrm-report=jrm_dist.report:main",
-            "jrm-make-tiny=jrm_dist.backbones:main",
+            "jrm-make-tiny=jrm_dist.make_tiny:main",
         ]
     },
 )

@@ -11,12 +11,13 @@
 #    new work after --budget-s, default here 400), its output in gpu_check.log;
 # 4. copies bench/REPORT_GPU.md and gpu_check.log to $OUT when set (the device tool's result folder).
 # Exit status: the kit's (0 all checks passed, 1 a check failed or a section raised, 124 killed by timeout).
+#
+# The interpreter is $PYTHON (default: python3 on PATH). Where the machine's torch lives in a venv, pass it:
+#   PYTHON=/path/to/venv/bin/python bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x /opt/torch/.venv/bin/python ]; then PYTHON=/opt/torch/.venv/bin/python; else PYTHON=python3; fi
-fi
+PYTHON="${PYTHON:-python3}"  # the interpreter with torch + triton; where it lives is the machine's business
 echo "gpu_run: $(date -u +%FT%TZ) python $PYTHON ($("$PYTHON" -c 'import sys; print(sys.version.split()[0])'))"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 

@@ -8,7 +8,6 @@ checkpoint: nothing else in the project knows it is tiny.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -156,32 +155,3 @@ def resolve_attn_implementation(choice: str) -> str:
                              "(pip install '.[gpu]'); use sdpa or auto")
         return "sdpa"
     return choice
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Build the tiny offline Qwen2.5-VL backbone used by tests and the demo "
-                                 "(random weights), or with --pretrain a larger one pre-trained as a plain VLM")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hidden", type=int, default=None, help="text hidden size (default 64; 128 with --pretrain)")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 2; 4 with --pretrain)")
-    ap.add_argument("--pretrain", action="store_true",
-                    help="pre-train on synthetic captions / Q&A (jrm_dist.pretrain); reused when already done")
-    ap.add_argument("--steps", type=int, default=500, help="--pretrain: optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=48, help="--pretrain: samples per step")
-    ap.add_argument("--yes-no", action="store_true",
-                    help="--pretrain: add 'Is the square <colour>?' questions (read a colour word, check the image)")
-    ap.add_argument("--threads", type=int, default=1, help="--pretrain: torch threads (1 is fastest on a busy 2-core box)")
-    a = ap.parse_args(argv)
-    if a.pretrain:
-        from jrm_dist.pretrain import pretrain_tiny_backbone
-
-        print(pretrain_tiny_backbone(a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed,
-                                     hidden=a.hidden or 128, layers=a.layers or 4, threads=a.threads,
-                                     yes_no=a.yes_no))
-        return
-    print(build_tiny_backbone(a.out, seed=a.seed, hidden=a.hidden or 64, layers=a.layers or 2))
-
-
-if __name__ == "__main__":
-    main()

@@ -52,7 +52,7 @@ class Report:
 def check_shards(key: str, spec: str, rep: Report, required: bool, verify: bool = False) -> None:
     """Resolve the shard list exactly as the loader will, then open every local shard's tar header;
     ``verify`` (data.verify): also every shard's sha256 against the manifest."""
-    from jrm_dist.data.loader import resolve_shards, verify_shards
+    from jrm_dist.data.shards import resolve_shards, verify_shards
 
     if not spec:
         if required:

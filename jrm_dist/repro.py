@@ -226,7 +226,7 @@ def caption_retention(export: Path, pretrained: Path, n: int = 128) -> float:
 def _read_groups(shards: Path):
     """(record, images) of every group in the shards, in manifest order."""
     from data_prep.shards import iter_tar_samples
-    from jrm_dist.data.loader import decode_sample
+    from jrm_dist.data.decode import decode_sample
 
     man = json.loads((shards / "manifest.json").read_text())
     for entry in man["shards"]:

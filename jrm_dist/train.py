@@ -103,6 +103,32 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# The per-micro-batch sums train_step all-reduces once per step (names, in tensor order).
+_STEP_SUMS = ("total", "rank", "lm", "correct", "decided", "mu_sum", "mu_sq", "n_cand", "sigma_sum", "tokens",
+              "groups", "lm_tokens", "nonfinite", "stop")
+
+
+def _poison(loss: torch.Tensor) -> torch.Tensor:
+    """A non-finite loss on any rank makes every rank's gradient non-finite: the ZeRO optimizer then sees an
+    invalid global norm and discards the whole step (grads cleared, LR not stepped) on all ranks alike."""
+    return loss * float("nan")
+
+
+@torch.no_grad()
+def _micro_sums(out: dict, b: dict, obj: dict, loss: torch.Tensor, nonfinite: bool, stop: bool) -> torch.Tensor:
+    """One micro-batch's contribution to the step's ``_STEP_SUMS`` (a skipped micro-batch adds no loss)."""
+    mu = out["mu"].detach().float()
+    win, lose, tie = b["win_idx"], b["lose_idx"], b["tie"]
+    dec = ~tie if tie.numel() else torch.ones_like(win, dtype=torch.bool)
+    correct = (mu[win[dec]] > mu[lose[dec]]).sum() if win.numel() else 0
+    sig = torch.exp(0.5 * out["log_var"].detach().float())
+    return torch.tensor([0.0 if nonfinite else float(loss.detach()),
+                         float(obj["rank"]), float(obj["lm"]), float(correct), float(dec.sum()),
+                         float(mu.sum()), float((mu * mu).sum()), float(mu.numel()), float(sig.sum()),
+                         float(b["attention_mask"].sum()), float(len(b["keys"])),
+                         float(out["lm_tokens"]), float(nonfinite), float(stop)], dtype=torch.float64)
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -206,7 +232,7 @@ class Trainer:
     def _train_shards(self) -> list:
         """data.train_shards resolved (and with data.verify, every shard's sha256 checked, the shards split
         over the ranks) before the model is built, so a wrong path fails in seconds naming the key."""
-        from jrm_dist.data.loader import resolve_config_shards, verify_shards
+        from jrm_dist.data.shards import resolve_config_shards, verify_shards
 
         err: list = [None]
         shards = []
@@ -272,87 +298,111 @@ class Trainer:
 
     # ---- one optimizer step
     def train_step(self) -> dict[str, float] | None:
-        from jrm_dist.objective import drop_lm, joint_objective, local_items
+        """One optimizer step, read as the algorithm: micro-batches → objective → backward → agreed skip/step →
+        metrics. The collectives that keep the ranks in lockstep live in the named helpers below."""
+        from jrm_dist.objective import joint_objective
 
-        cfg, dist = self.cfg, self.dist
+        cfg, step = self.cfg, self.step  # step: 0-based index of the step being taken
         t0 = time.perf_counter()
-        micro = []
-        for _ in range(cfg.train.grad_accum):
-            b = self._next_batch()
-            if b is None:
-                return None
-            micro.append(drop_lm(b, cfg.loss, self.step))  # alpha = 0 at this step: no LM work
-        items = torch.zeros(2, dtype=torch.float64)
-        for b in micro:
-            p, t = local_items(b, cfg.loss)
-            items += torch.tensor([p, t], dtype=torch.float64)
-        items = items.to(self.dev)
-        dist.all_reduce(items)
-        rank_items, lm_items = float(items[0]), float(items[1])
-        step = self.step  # 0-based index of the step being taken
+        micro = self._take_micro_batches()
+        if micro is None:
+            return None
+        rank_items, lm_items = self._global_divisors(micro)
         self.engine.train()
-        # sums over micro-batches: total, rank, lm, correct, decided, mu_sum, mu_sq, n_cand, sigma_sum,
-        # tokens, groups, lm_tokens, nonfinite, stop
-        acc = torch.zeros(14, dtype=torch.float64)
+        sums = torch.zeros(len(_STEP_SUMS), dtype=torch.float64)
         keys = []
         for b in micro:
             keys += b["keys"]
             b = _to_device(b, self.dev)
             out = self.engine(b)
             obj = joint_objective(out, b, cfg.loss, step, lm_items=lm_items, rank_items=rank_items)
-            loss = obj["loss"]
-            if self.faults.hit("nan", step + 1):
-                log.error("JRM_FAULTS: injecting a NaN loss at step %d", step + 1)
-                loss = loss * float("nan")
-            flags = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0,
-                                  1.0 if self.stop_signal is not None else 0.0], device=self.dev)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[0] > 0:
-                # Some rank's loss is not finite: make every rank's gradient non-finite so the ZeRO
-                # optimizer sees an invalid global norm and discards the step (grads cleared, LR not stepped).
-                loss = loss * float("nan")
+            loss = self._inject_fault_nan(obj["loss"], step)
+            nonfinite, stop = self._agree_flags(loss)
+            if nonfinite:
+                loss = _poison(loss)
             # Our loss is already a global mean (global divisors): undo DeepSpeed's 1/gas and 1/world.
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
             self.engine.step()
-            with torch.no_grad():
-                mu = obj_mu = out["mu"].detach().float()
-                win, lose, tie = b["win_idx"], b["lose_idx"], b["tie"]
-                dec = ~tie if tie.numel() else torch.ones_like(win, dtype=torch.bool)
-                correct = (obj_mu[win[dec]] > obj_mu[lose[dec]]).sum() if win.numel() else 0
-                sig = torch.exp(0.5 * out["log_var"].detach().float())
-                acc += torch.tensor([float(loss.detach()) if flags[0] == 0 else 0.0,
-                                     float(obj["rank"]), float(obj["lm"]), float(correct), float(dec.sum()),
-                                     float(mu.sum()), float((mu * mu).sum()), float(mu.numel()), float(sig.sum()),
-                                     float(b["attention_mask"].sum()), float(len(b["keys"])),
-                                     float(out["lm_tokens"]), float(flags[0]), float(flags[1])],
-                                    dtype=torch.float64)
-        acc = acc.to(self.dev)
-        dist.all_reduce(acc)
-        acc = acc.cpu()
-        skipped = acc[12] > 0
+            sums += _micro_sums(out, b, obj, loss, nonfinite, stop)
+        s = self._reduce_sums(sums)
+        skipped = s["nonfinite"] > 0
         if skipped and self.engine.was_step_applied():
             raise RuntimeError("a non-finite loss was agreed on but DeepSpeed applied the step")
         self.step += 1
-        dt = time.perf_counter() - t0
-        self.counters["samples"] += int(acc[10])
-        self.counters["tokens"] += int(acc[9])
+        self._count_step(s, skipped)
+        return self._step_metrics(s, obj, rank_items, time.perf_counter() - t0, skipped, keys)
+
+    def _take_micro_batches(self) -> list[dict] | None:
+        """``train.grad_accum`` micro-batches of this step (None when the data is exhausted); the LM labels are
+        dropped where alpha is 0 at this step, so the model does no LM work there."""
+        from jrm_dist.objective import drop_lm
+
+        micro = []
+        for _ in range(self.cfg.train.grad_accum):
+            b = self._next_batch()
+            if b is None:
+                return None
+            micro.append(drop_lm(b, self.cfg.loss, self.step))
+        return micro
+
+    def _global_divisors(self, micro: list[dict]) -> tuple[float, float]:
+        """(rank pairs, labelled LM tokens) of the whole step over all ranks and micro-batches: one all-reduce,
+        so the loss is the one-big-batch mean whatever the data-parallel / accumulation split."""
+        from jrm_dist.objective import local_items
+
+        items = torch.zeros(2, dtype=torch.float64)
+        for b in micro:
+            p, t = local_items(b, self.cfg.loss)
+            items += torch.tensor([p, t], dtype=torch.float64)
+        items = items.to(self.dev)
+        self.dist.all_reduce(items)
+        return float(items[0]), float(items[1])
+
+    def _inject_fault_nan(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if self.faults.hit("nan", step + 1):
+            log.error("JRM_FAULTS: injecting a NaN loss at step %d", step + 1)
+            return _poison(loss)
+        return loss
+
+    def _agree_flags(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(some rank's loss is not finite, some rank was asked to stop): one MAX all-reduce per micro-batch,
+        so every rank skips the same steps and stops after the same step."""
+        flags = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0,
+                              1.0 if self.stop_signal is not None else 0.0], device=self.dev)
+        self.dist.all_reduce(flags, op=self.dist.ReduceOp.MAX)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _reduce_sums(self, sums: torch.Tensor) -> dict[str, float]:
+        """The per-micro-batch sums of every rank added up (one all-reduce), by name."""
+        sums = sums.to(self.dev)
+        self.dist.all_reduce(sums)
+        return dict(zip(_STEP_SUMS, sums.cpu().tolist()))
+
+    def _count_step(self, s: dict[str, float], skipped: bool) -> None:
+        self.counters["samples"] += int(s["groups"])
+        self.counters["tokens"] += int(s["tokens"])
         if skipped:
             self.counters["skipped_steps"] += 1
             log.warning("step %d: non-finite loss on %d micro-batch(es) across ranks; step skipped on all ranks",
-                        self.step, int(acc[12]))
-        n = max(float(acc[7]), 1.0)
-        mu_mean = float(acc[5]) / n
+                        self.step, int(s["nonfinite"]))
+
+    def _step_metrics(self, s: dict[str, float], obj: dict, rank_items: float, dt: float, skipped: bool,
+                      keys: list) -> dict[str, Any]:
+        """The logged metrics of the step just taken (loss parts and grad norm only when it was applied); the
+        corrupt-record count is summed over ranks so every rank takes the same abort decision."""
+        n = max(s["n_cand"], 1.0)
+        mu_mean = s["mu_sum"] / n
         lrs = self.engine.get_lr()
         groups = [g.get("name", str(i)) for i, g in enumerate(self.engine.optimizer.param_groups)]
         m = {
             "alpha": float(obj["alpha"]),
-            "train/accuracy": float(acc[3] / acc[4]) if acc[4] > 0 else float("nan"),
+            "train/accuracy": s["correct"] / s["decided"] if s["decided"] > 0 else float("nan"),
             "mu/mean": mu_mean,
-            "mu/std": math.sqrt(max(float(acc[6]) / n - mu_mean ** 2, 0.0)),
-            "sigma/mean": float(acc[8]) / n,
+            "mu/std": math.sqrt(max(s["mu_sq"] / n - mu_mean ** 2, 0.0)),
+            "sigma/mean": s["sigma_sum"] / n,
             "lr": float(lrs[0]),
-            "tokens_per_s": float(acc[9]) / dt,
-            "samples_per_s": float(acc[10]) / dt,
+            "tokens_per_s": s["tokens"] / dt,
+            "samples_per_s": s["groups"] / dt,
             "pairs_per_s": rank_items / dt,
             "peak_mem_mb": _peak_mem_mb(self.dev),
             "skipped_steps": float(self.counters["skipped_steps"]),
@@ -363,13 +413,13 @@ class Trainer:
             m["lr/head"] = float(lrs[groups.index("head")])
         if not skipped:
             gn = self.engine.get_global_grad_norm()
-            m.update({"loss/total": float(acc[0]), "loss/rank": float(acc[1]), "loss/lm": float(acc[2])})
+            m.update({"loss/total": s["total"], "loss/rank": s["rank"], "loss/lm": s["lm"]})
             if gn is not None:
                 m["grad_norm"] = float(gn)
         corrupt = torch.tensor([float(self.loader.corrupt_samples)], device=self.dev)
-        dist.all_reduce(corrupt)
+        self.dist.all_reduce(corrupt)
         m["corrupt_samples"] = float(corrupt)
-        m["_stop"] = float(acc[13] > 0)
+        m["_stop"] = float(s["stop"] > 0)
         m["_keys"] = keys
         return m
 

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from jrm_dist.losses import check_rank_options, resolve_ties
+from ._rules import check_rank_options, resolve_ties
 
 from ._ce_torch import DEFAULT_BLOCK_ELEMS, LinearCETorch, check_ce_args, reference_linear_ce
 from ._rank_torch import RankLossTorch

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from jrm_dist.losses import GH_W, GH_X
+from ._rules import GH_W, GH_X
 
 SQRT2 = math.sqrt(2.0)
 INV_SQRT2 = 1.0 / SQRT2

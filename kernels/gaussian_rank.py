@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from jrm_dist.losses import GH_W, GH_X
-
 from . import _tl_math as tm
+from ._rules import GH_W, GH_X
 from ._rank_torch import MODE_IDS, rao_kupper_const
 
 NARROW: tl.constexpr = tl.constexpr(0.01)  # = _rank_torch.NARROW

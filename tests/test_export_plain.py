@@ -104,17 +104,22 @@ def initial_token(tiny_backbone: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
-def test_zero3_export_scores_identically_with_plain_transformers(tiny_backbone, synthetic_shards, tmp_path, lora):
+@pytest.mark.launch
+def test_zero3_export_scores_identically_with_plain_transformers(tiny_backbone, synthetic_shards, tmp_path, lora,
+                                                                 request):
     """A short real ZeRO-3 run (the token embedding moves), its end-of-training export (jrm-export's code,
-    with the LoRA merge for lora=4), scored by transformers alone vs by jrm_dist."""
+    with the LoRA merge for lora=4: the run shared with test_train_optim), scored by transformers alone vs by
+    jrm_dist."""
     from safetensors.torch import load_file
 
-    out = tmp_path / "run"
-    ov = base_overrides(tiny_backbone, synthetic_shards, out, steps=3,
-                        **{"model.lora.r": lora, "train.save_every": 0, "tracking.enabled": "false",
-                           "data.eval_shards": "", "optim.head_lr": "1e-2"})
-    r = spawn(ov)
-    assert r.codes == [0, 0], r.log
+    if lora:
+        out = request.getfixturevalue("lora_zero3_run")
+    else:
+        out = tmp_path / "run"
+        r = spawn(base_overrides(tiny_backbone, synthetic_shards, out, steps=3,
+                                 **{"train.save_every": 0, "tracking.enabled": "false", "data.eval_shards": "",
+                                    "optim.head_lr": "1e-2"}))
+        assert r.codes == [0, 0], r.log
     export = out / "export"
     trained = load_file(str(export / "reward_head.safetensors"))["token.weight"]
     moved = float((trained - initial_token(tiny_backbone)).abs().max())

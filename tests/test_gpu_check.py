@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -23,6 +25,7 @@ def _env():
     return env
 
 
+@pytest.mark.launch  # the whole kit, its joint training step included
 def test_cpu_mode_runs_every_section_and_writes_the_report(tmp_path):
     out = tmp_path / "REPORT_GPU.md"
     res = subprocess.run([sys.executable, str(KIT), "--cpu", "--out", str(out)], cwd=ROOT, env=_env(),
@@ -51,6 +54,7 @@ def test_cpu_mode_runs_every_section_and_writes_the_report(tmp_path):
     assert "Traceback" not in log
 
 
+@pytest.mark.launch  # the kit's kernels and speed sections, under the Triton interpreter
 def test_failing_checks_and_raising_groups_fail_the_process(tmp_path):
     """A wrong reference (masked LM loss off by 1%) fails its checks; a reference that raises (rank loss in bf16)
     is recorded as an error while the later groups still run; both are in the report, and the exit status is 1."""
@@ -93,8 +97,6 @@ def test_no_gpu_without_cpu_flag_is_a_usage_error(tmp_path):
 
 def test_slot_scripts_pass_shellcheck_and_reject_bad_arguments():
     import shutil
-
-    import pytest
 
     scripts = ["bench/gpu_run.sh", "bench/wheelhouse.sh"]
     if shutil.which("shellcheck"):

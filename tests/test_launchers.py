@@ -199,6 +199,7 @@ def test_preflight_estimates_72b_checkpoint_size(tmp_path):
     assert ckpt == pytest.approx(14 * params, rel=1e-6)
 
 
+@pytest.mark.launch
 def test_train_local_stops_at_preflight(tiny_backbone, synthetic_shards, tmp_path):
     out = tmp_path / "run"
     ov = _overrides(tiny_backbone, synthetic_shards, out, **{"data.train_shards": tmp_path / "missing"})
@@ -246,6 +247,7 @@ def _wait_ready(procs, tmp_path, ranks) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.launch
 def test_torchrun_wrapper_forwards_usr1_and_keeps_requeue_code(tmp_path):
     """SIGUSR1 to the agent reaches every worker (stock torchrun would die) and 75 comes out (not 1)."""
     p = _wrapper(tmp_path, "wait")
@@ -260,6 +262,7 @@ def test_torchrun_wrapper_forwards_usr1_and_keeps_requeue_code(tmp_path):
     assert "exiting 75 for requeue" in out
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("delays", [("0", "3"), ("3", "0")], ids=["host-first", "host-last"])
 def test_torchrun_wrapper_two_agents_c10d_all_exit_requeue_code(tmp_path, delays):
     """Two agents, c10d: one node's worker leaves 3 s after the other's (rank 0 flushing MLflow). The
@@ -294,6 +297,7 @@ def test_torchrun_wrapper_two_agents_c10d_all_exit_requeue_code(tmp_path, delays
     assert abs(ended[0] - ended[1]) < 1.5, ended
 
 
+@pytest.mark.launch
 def test_torchrun_wrapper_reports_a_crash_as_failure(tmp_path):
     p = _wrapper(tmp_path, "crash")
     out, _ = p.communicate(timeout=90)
@@ -356,6 +360,7 @@ def cleanup_jobs():
         subprocess.run(["scancel", jid], capture_output=True)
 
 
+@pytest.mark.launch
 def test_sbatch_preflight_failure_fails_fast(slurm, tiny_backbone, synthetic_shards, tmp_path, cleanup_jobs):
     out, log = tmp_path / "run", tmp_path / "job.log"
     jid = sbatch("tiny_cpu.sh", _overrides(tiny_backbone, synthetic_shards, out,
@@ -368,6 +373,7 @@ def test_sbatch_preflight_failure_fails_fast(slurm, tiny_backbone, synthetic_sha
     assert not out.exists()
 
 
+@pytest.mark.launch
 def test_sbatch_two_nodes_preempt_requeue_resume(slurm, tiny_backbone, synthetic_shards, tmp_path, cleanup_jobs):
     """tiny_cpu.sh on 2 nodes: SIGUSR1 to the batch shell mid-run -> checkpoint -> exit 75 -> scontrol requeue
     -> the second run resumes into the same MLflow run and completes with a checkpoint and an export."""
@@ -454,6 +460,7 @@ def test_sbatch_two_nodes_preempt_requeue_resume(slurm, tiny_backbone, synthetic
         assert key in run.data.metrics, sorted(run.data.metrics)
 
 
+@pytest.mark.launch
 def test_requeue_by_hand_is_reported_as_a_requeue(slurm, tmp_path, cleanup_jobs):
     """`scontrol requeue JOB` by an operator: Slurm signals the batch shell (the trainer checkpoints and exits
     75), the launcher's own `scontrol requeue` then fails with "Job is pending execution" because the job is

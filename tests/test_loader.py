@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from data_prep.cli import main as prep
-from jrm_dist.data.loader import StreamingLoader, resolve_shards, shuffle_order
+from jrm_dist.data.loader import StreamingLoader
+from jrm_dist.data.shards import resolve_shards
+from jrm_dist.data.slices import shuffle_order
 from jrm_dist.processing import IGNORE_INDEX
 
 
@@ -148,14 +150,14 @@ def test_brace_pattern_without_manifest_counts_samples(shards, tmp_path, caplog)
     for n in os.listdir(shards):
         if n.endswith(".tar"):
             shutil.copy(os.path.join(shards, n), copy / n)
-    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.shards"):
         from_pattern = resolve_shards(str(copy / "shard-{000000..000009}.tar"))
     assert "counting its samples" in caplog.text
     from_manifest = resolve_shards(shards)
     assert [s.count for s in from_pattern] == [s.count for s in from_manifest] == [5] * 9 + [3]
     # a brace pattern next to a manifest takes its counts from it (no counting pass)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.shards"):
         assert [s.count for s in resolve_shards(os.path.join(shards, "shard-{000000..000009}.tar"))] == [5] * 9 + [3]
     assert "counting" not in caplog.text
     # pipe: URLs go through webdataset's gopen
@@ -352,3 +354,65 @@ def test_damaged_shards_resume_exactly(damaged):
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     got += [b["keys"] for b in resumed]
     assert got == ref and resumed.corrupt_samples == full.corrupt_samples
+
+
+
+def _shard_keys(path):
+    with tarfile.open(path) as tf:
+        return list(dict.fromkeys(m.name.split(".", 1)[0] for m in tf.getmembers()))
+
+
+@pytest.fixture(scope="module")
+def six_per_shard(tmp_path_factory):
+    """24 groups in 4 shards of 6 (syn-0-00000000 ...), undamaged: each test copies and damages it."""
+    out = str(tmp_path_factory.mktemp("six") / "s")
+    assert prep(["synthetic", "--out", out, "--groups", "24", "--max-count", "6", "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("n_stray", [1, 4, 9])
+def test_no_good_record_is_lost_however_many_strays_sit_inside_it(six_per_shard, tmp_path, n_stray, caplog):
+    out = str(tmp_path / "s")
+    shutil.copytree(six_per_shard, out)
+    path = os.path.join(out, "shard-000000.tar")
+    rec = _shard_keys(path)[2]
+
+    def strays(ms):  # right after the first member of record 2, before its json and its other images
+        i = next(j for j, (n, _) in enumerate(ms) if n.startswith(rec + ".")) + 1
+        return ms[:i] + [(f"stray{s}.bin", b"\0" * 10) for s in range(n_stray)] + ms[i:]
+    _rewrite_members(path, strays)
+    loader = make(out, 0, 1, workers=0, batch=2, buf=1)
+    with caplog.at_level(logging.WARNING, logger="jrm_dist.data.loader"):
+        trained = [k for b in loader for k in b["keys"]]
+    assert sorted(trained) == sorted(all_keys(24, seed=0))  # record 2 and every record after it kept
+    assert loader.corrupt_samples == n_stray
+    assert {e["key"] for e in loader.corrupt_log} == {f"stray{s}" for s in range(n_stray)}
+
+
+def test_strays_and_a_cut_shard_end_count_each_lost_record_once_at_warning(six_per_shard, tmp_path, caplog):
+    """A stray member in record 1 and a cut at the start of record 4 of 6: the stray and records 4 and 5 are
+    damaged (3), each counted once and logged at WARNING with its shard and offset (the records beyond the
+    cut have no key to name: their entry says where the tar stopped reading)."""
+    out = str(tmp_path / "s")
+    shutil.copytree(six_per_shard, out)
+    path = os.path.join(out, "shard-000000.tar")
+    keys = _shard_keys(path)
+
+    def stray(ms):
+        i = next(j for j, (n, _) in enumerate(ms) if n.startswith(keys[1] + ".")) + 1
+        return ms[:i] + [("stray.bin", b"\0" * 10)] + ms[i:]
+    _rewrite_members(path, stray)
+    first = next(m for m in tarfile.open(path).getmembers() if m.name.startswith(keys[4] + "."))
+    with open(path, "r+b") as f:
+        f.truncate(first.offset_data + 10)  # inside the first member of record 4
+    loader = make(out, 0, 1, workers=0, batch=2, buf=1)
+    with caplog.at_level(logging.INFO, logger="jrm_dist.data.loader"):
+        trained = [k for b in loader for k in b["keys"]]
+    assert set(trained) == all_keys(24, seed=0) - {keys[4], keys[5]}
+    assert loader.corrupt_samples == len(loader.corrupt_log) == 3
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "skipped corrupt record" in r.message]
+    assert len(warned) == 3 and "counted with the unusable members above" not in caplog.text
+    cut = [e for e in loader.corrupt_log if e["key"] is None]
+    assert len(cut) == 2 and all(e["shard"] == "shard-000000.tar" and isinstance(e["offset"], int)
+                                 and e["offset"] <= first.offset_data + 10 and "stopped reading" in e["reason"]
+                                 for e in cut)

@@ -194,6 +194,7 @@ def runs(tiny_backbone, synthetic_shards, tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.launch
 def test_packed_training_follows_the_unpacked_trajectory(runs):
     ref, got = runs["none"], runs["group"]
     assert sorted(got) == sorted(ref) == list(range(1, DIST_STEPS + 1))
@@ -205,6 +206,7 @@ def test_packed_training_follows_the_unpacked_trajectory(runs):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.launch
 def test_packed_resume_is_bit_identical(runs):
     ref, got = runs["group"], runs["resumed"]
     assert sorted(got) == list(range(1, DIST_STEPS + 1))

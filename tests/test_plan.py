@@ -196,6 +196,7 @@ def test_planner_agrees_with_deepspeed_estimator_and_measured_activations(tmp_pa
     assert not bad
 
 
+@pytest.mark.launch
 def test_planner_agrees_with_a_measured_zero3_run(tmp_path):
     """2 CPU ranks, our trainer, one step: each rank's parameter/gradient/optimizer tensors vs the plan."""
     v = _validate_module()

@@ -82,6 +82,7 @@ def test_rank_only_loader_encodes_no_rationale(tiny_processor):
     assert b["input_ids"].shape[1] < with_r["input_ids"].shape[1]  # no rationale tokens in the sequence
 
 
+@pytest.mark.launch
 def test_trainer_rank_only_has_no_lm_state_and_schedule_runs_on_two_ranks(tiny_backbone, tiny_processor,
                                                                           synthetic_shards, tmp_path):
     """Real jrm-train runs: rank-only (1 rank) holds optimizer state for everything but the LM head;

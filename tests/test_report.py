@@ -114,6 +114,7 @@ def test_repro_configs_load():
     assert alphas == {0.0, 0.1, 0.3, 0.5, 0.7}
 
 
+@pytest.mark.launch
 def test_report_on_a_real_tiny_training_run(tiny_backbone, tmp_path):
     """jrm-train (1 process, ZeRO-3, tiny backbone, synthetic shards) → its MLflow DB → jrm-report."""
     from data_prep.cli import main as prep

@@ -61,6 +61,7 @@ def serve(jrm_checkpoint):
         p.wait(30)
 
 
+@pytest.mark.launch  # a jrm-serve process and concurrent clients
 def test_concurrent_large_bodies_stay_under_the_inflight_budget(serve):
     budget_mb = 400  # admits one 60 MB body at a time (charged 5x = 300 MB)
     url, p = serve("--max-inflight-mb", str(budget_mb))

@@ -64,6 +64,7 @@ def test_unreachable_server_buffers_then_spills(tmp_path, monkeypatch):
     assert len(metrics) == 100 and {m["step"] for m in metrics} == set(range(1, 51))
 
 
+@pytest.mark.launch
 def test_training_survives_a_stopped_tracking_server(tiny_backbone, synthetic_shards, tmp_path):
     """Nothing listens at the tracking URI for the whole run: training completes, exports, and the
     metrics it could not send are on disk."""
@@ -82,6 +83,7 @@ def test_training_survives_a_stopped_tracking_server(tiny_backbone, synthetic_sh
 STEPS = 30  # 64 groups / (1 rank x 2 groups) = one epoch of 32 steps
 
 
+@pytest.mark.launch
 def test_training_survives_a_tracking_server_stopped_mid_run(tiny_backbone, synthetic_shards, tmp_path):
     """A real ``mlflow server``: metrics reach it until it is stopped (once it holds step 2); training finishes,
     the rest goes to mlflow_unsent.jsonl."""

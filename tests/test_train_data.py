@@ -13,7 +13,7 @@ from jrm_dist.train import ABORT_EXIT_CODE
 from test_loader import damage_shards
 from train_launch import base_overrides, spawn, steps
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.launch]
 
 
 @pytest.fixture(scope="module")

@@ -3,30 +3,20 @@ equality with a single process on the same global batch, MLflow content, and the
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from train_launch import ROOT, TINY, base_overrides, env_for, free_port, mlflow_run, steps
+from train_launch import TINY, mlflow_run, steps
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.launch]
 
 
 @pytest.fixture(scope="module")
-def run(tiny_backbone, synthetic_shards, tmp_path_factory):
-    """One uninterrupted 6-step run with torchrun (the demo's launcher), eval at the end, export."""
-    out = tmp_path_factory.mktemp("train") / "run"
-    ov = base_overrides(tiny_backbone, synthetic_shards, out, steps=6, **{"train.eval_every": 3})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "jrm_dist.train", "--config", TINY, *ov]
-    env = env_for(0, 2, 0)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-8000:]
-    return {"out": out, "overrides": ov, "stdout": p.stdout, "stderr": p.stderr}
+def run(torchrun_six_steps):
+    """One uninterrupted 6-step run with torchrun (the demo's launcher), eval at steps 3 and 6, export
+    (conftest.py: shared with test_train_resume as its reference trajectory)."""
+    return torchrun_six_steps
 
 
 def test_zero3_partitions_parameters_across_ranks(run):

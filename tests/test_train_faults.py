@@ -10,7 +10,7 @@ import pytest
 from jrm_dist.train import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from train_launch import base_overrides, mlflow_run, spawn, steps
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.launch]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from train_launch import base_overrides, spawn, steps
 pytestmark = pytest.mark.timeout(900)
 
 
+@pytest.mark.launch
 def test_consecutive_skipped_steps_abort_the_run(tiny_backbone, synthetic_shards, tmp_path):
     out = tmp_path / "run"
     ov = base_overrides(tiny_backbone, synthetic_shards, out, steps=8,
@@ -35,6 +36,7 @@ def test_consecutive_skipped_steps_abort_the_run(tiny_backbone, synthetic_shards
     assert not (out / "export").exists() and not (out / "final_metrics.json").exists()
 
 
+@pytest.mark.launch
 def test_learning_rate_that_blows_up_stops_the_run(tiny_backbone, synthetic_shards, tmp_path):
     out = tmp_path / "run"
     ov = base_overrides(tiny_backbone, synthetic_shards, out, steps=8,
@@ -48,6 +50,7 @@ def test_learning_rate_that_blows_up_stops_the_run(tiny_backbone, synthetic_shar
     assert not (out / "export").exists()
 
 
+@pytest.mark.launch
 def test_non_finite_weights_on_one_rank_are_never_checkpointed_or_exported(tiny_backbone, synthetic_shards,
                                                                             tmp_path):
     out = tmp_path / "run"
@@ -62,6 +65,7 @@ def test_non_finite_weights_on_one_rank_are_never_checkpointed_or_exported(tiny_
     assert not (out / "export").exists()
 
 
+@pytest.mark.launch
 def test_kill_while_pruning_leaves_no_half_deleted_checkpoint(tiny_backbone, synthetic_shards, tmp_path):
     out = tmp_path / "run"
     ck = out / "checkpoints"

@@ -7,7 +7,7 @@ import pytest
 
 from train_launch import base_overrides, spawn, steps
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.launch]
 
 
 def test_adamw8bit_under_zero3_trains(tiny_backbone, synthetic_shards, tmp_path):
@@ -28,7 +28,7 @@ def test_adamw8bit_under_zero3_trains(tiny_backbone, synthetic_shards, tmp_path)
         assert info["optimizer_state_bytes"] / info["params_local"] < 7.0, info
 
 
-def test_lora_under_zero3_trains_and_the_export_merges_it(tiny_backbone, synthetic_shards, tmp_path):
+def test_lora_under_zero3_trains_and_the_export_merges_it(lora_zero3_run):
     """LoRA adapters on a ZeRO-3 partitioned backbone; the export merges them (scores = live engine's)."""
     import torch
 
@@ -37,11 +37,7 @@ def test_lora_under_zero3_trains_and_the_export_merges_it(tiny_backbone, synthet
     from jrm_dist.model import JointRewardModel
     from jrm_dist.processing import RewardProcessor
 
-    out = tmp_path / "run"
-    ov = base_overrides(tiny_backbone, synthetic_shards, out, steps=3,
-                        **{"model.lora.r": 4, "train.save_every": 0, "tracking.enabled": "false"})
-    r = spawn(ov)
-    assert r.codes == [0, 0], r.log
+    out = lora_zero3_run
     index = json.loads((out / "export" / "model.safetensors.index.json").read_text())
     assert not any("lora_" in k or "base_layer" in k for k in index["weight_map"])
     model = JointRewardModel.from_pretrained(out / "export").eval()

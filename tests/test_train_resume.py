@@ -9,16 +9,15 @@ import pytest
 
 from train_launch import base_overrides, mlflow_run, spawn, steps
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.launch]
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_backbone, synthetic_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    r = spawn(base_overrides(tiny_backbone, synthetic_shards, out, steps=STEPS))
-    assert r.codes == [0, 0], r.log
-    return steps(out)
+def reference(torchrun_six_steps):
+    """The uninterrupted run of the same config (conftest.py, shared with test_train_dist)."""
+    assert STEPS == 6
+    return steps(torchrun_six_steps["out"])
 
 
 @pytest.fixture(scope="module")

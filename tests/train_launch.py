@@ -54,8 +54,20 @@ class Result:
         return "\n".join(f"----- rank {r} (exit {c})\n{t}" for r, (c, t) in enumerate(zip(self.codes, self.logs)))
 
 
+RUNNING_TEST = None  # the pytest item being run (set by conftest.py)
+
+
+def check_marked_launch() -> None:
+    """A test that launches jrm-train must carry ``@pytest.mark.launch`` (``make test-quick`` leaves it out)."""
+    item = RUNNING_TEST
+    if item is not None and item.get_closest_marker("launch") is None:
+        raise RuntimeError(f"{item.nodeid} launches jrm-train but is not marked @pytest.mark.launch "
+                           "(tests/train_launch.py; `make test-quick` runs only the unmarked tests)")
+
+
 def spawn(overrides: list[str], world: int = 2, faults: str = "", resume: str = "auto", timeout: float = 240,
           env: dict | None = None, on_start=None) -> Result:
+    check_marked_launch()
     port = free_port()
     cmd = [sys.executable, "-m", "jrm_dist.train", "--config", TINY, *overrides, "--resume", resume]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env_for(r, world, port, faults, env), stdout=subprocess.PIPE,

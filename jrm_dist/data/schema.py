@@ -29,6 +29,7 @@ SCHEMA_VERSION = 1
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 SCORE_DIMENSIONS = ("overall", "instruction_following", "quality_aesthetic")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_RECORD_FIELD_RE = re.compile(r"^(json|src\d+\.\w+|c\d+_\d+\.\w+)$")
 
 
 class SchemaError(ValueError):
@@ -38,6 +39,13 @@ class SchemaError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def is_record_field(field: str) -> bool:
+    """Whether a shard member's field (the name after the key) is one a record has: ``json``, ``src{i}.{ext}``
+    or ``c{k}_{j}.{ext}``. The loader tells the members of a broken record (they hold a position of the
+    shard) from stray files this way."""
+    return bool(_RECORD_FIELD_RE.match(field))
 
 
 def sanitize_key(key: str) -> str:

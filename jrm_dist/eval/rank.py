@@ -22,7 +22,8 @@ def shard_groups(spec: str, max_groups: int | None = None) -> Iterator[tuple[dic
     ``spec``: a manifest.json, a folder holding one, a brace pattern, or ``::``-joined URLs."""
     import webdataset as wds
 
-    from jrm_dist.data.loader import decode_sample, resolve_shards
+    from jrm_dist.data.decode import decode_sample
+    from jrm_dist.data.shards import resolve_shards
 
     urls = [s.url for s in resolve_shards(spec)]
     n = 0
