@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     cfg, problems = run(args)
     if problems:
         print(f"preflight: {len(problems)} problem(s); nothing was launched", file=sys.stderr)

@@ -178,3 +178,16 @@ def test_jrm_train_exits_2_on_a_bad_value_before_starting(capsys):
     assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), "optim.eps=0"]) == 2
     assert "optim.eps=0.0: out of range" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("module", ["train", "preflight", "plan"])
+def test_overrides_are_accepted_anywhere_on_the_command_line(module, capsys):
+    """`jrm-train --config C a=1 --resume X b=2` read b=2 as an unrecognized argument (issue 18 §4): every
+    command that takes dotted overrides reads them before, between and after its options."""
+    import importlib
+
+    main = importlib.import_module(f"jrm_dist.{module}").main
+    opt = {"train": ["--resume", "none"], "preflight": ["--resume", "none"], "plan": ["--json"]}[module]
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "train.max_steps=3", *opt, "optim.eps=0"]
+    assert main(argv) == 2  # the override after the option was read (and refused by name), not argparse's exit
+    assert "optim.eps=0.0: out of range" in capsys.readouterr().err
