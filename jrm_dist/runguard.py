@@ -73,13 +73,14 @@ def die_with_launcher() -> bool:
     return True
 
 
-def exit_for_requeue(out: Path, rank: int, signum: int, step: int, code: int, marker: str) -> None:
-    """Leave at once with the requeue code: nothing new to checkpoint (see module doc). Rank 0 writes the
-    requeue marker the launchers read. No logging here: a signal handler must not wait on a lock."""
+def exit_for_requeue(out: Path, rank: int, signum: int, step: int, code: int, marker: str | None) -> None:
+    """Leave at once with the requeue code: nothing new to checkpoint (see module doc). The holder of the
+    output folder's lock writes the requeue marker the launchers read (``marker``: its name, else None).
+    No logging here: a signal handler must not wait on a lock."""
     name = signal.Signals(signum).name
     print(f"[rank{rank}] received {name} with no progress to checkpoint (checkpointed step: {step}): "
           f"exiting {code} for requeue now", file=sys.stderr, flush=True)
-    if rank == 0:
+    if marker is not None:
         try:
             (out / marker).write_text(json.dumps({"step": step, "signal": name, "checkpointed": False}))
         except OSError:

@@ -156,7 +156,8 @@ class Trainer:
             from jrm_dist.runguard import exit_for_requeue
 
             step = saved if saved is not None else int((getattr(self, "saved_state", None) or {}).get("step", 0))
-            exit_for_requeue(self.out, self.rank, signum, step, REQUEUE_EXIT_CODE, REQUEUE_MARKER)
+            marker = REQUEUE_MARKER if getattr(self, "run_lock", None) is not None else None  # only into our folder
+            exit_for_requeue(self.out, self.rank, signum, step, REQUEUE_EXIT_CODE, marker)
         if self.stop_signal is None:
             log.warning("received %s: will checkpoint after the current step and exit %d for requeue",
                         signal.Signals(signum).name, REQUEUE_EXIT_CODE)

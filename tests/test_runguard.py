@@ -68,7 +68,7 @@ import os, signal, sys
 from pathlib import Path
 from jrm_dist.train import Trainer
 t = Trainer.__new__(Trainer)  # the handler alone: no process group, no model
-t.out, t.rank, t.stop_signal = Path(sys.argv[1]), 0, None
+t.out, t.rank, t.stop_signal, t.run_lock = Path(sys.argv[1]), 0, None, 3  # rank 0 holds the folder
 signal.signal(signal.SIGTERM, t._on_signal)
 if sys.argv[2] == "after_build":  # saved_step is set once build() is done, and by every save
     t.saved_step, t.step = 2, 3  # a step trained since the last checkpoint: finish, checkpoint, exit 75
