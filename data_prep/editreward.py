@@ -130,7 +130,8 @@ def convert(item: Item, images_root: str | None = None, max_pixels: int | None =
     sample: dict[str, bytes] = {"__key__": key}
     names: dict[str, str] = {}
     for column, base in IMAGE_COLUMNS:
-        data, ext = check_image(_image_bytes(row.get(column), column, root, allow_outside), f"column '{column}'", max_pixels)
+        data, ext = check_image(_image_bytes(row.get(column), column, root, allow_outside), f"column '{column}'",
+                                max_pixels)
         names[base] = f"{base}.{ext}"
         sample[names[base]] = data
     meta = {c: row.get(c) for c in ("key", "unique_key", "pair_index", "metadata_index", "left_img_rel",

@@ -54,7 +54,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = setting("runs/tiny-backbone", text=True, nonempty=True)  # HF path or name of the VLM backbone (loaded by auto classes)
+    # HF path or name of the VLM backbone (loaded by auto classes)
+    name: str = setting("runs/tiny-backbone", text=True, nonempty=True)
     reward_token: str = setting("<|reward|>", text=True, nonempty=True)
     head_hidden: int = setting(1024, ge=1, le=1 << 16)  # reward-head MLP width
     precision: str = setting("fp32", choices=("fp32", "bf16"))  # fp32 | bf16 (DeepSpeed bf16 mixed precision when bf16)
@@ -64,7 +65,8 @@ class ModelConfig:
     freeze_vision: bool = setting(False)
     freeze_merger: bool = setting(False)
     freeze_lm: bool = setting(False)
-    lm_ce: str = setting("auto", choices=("auto", "reference"))  # auto (fused kernels) | reference (torch masked_lm_loss)
+    # auto (fused kernels) | reference (torch masked_lm_loss)
+    lm_ce: str = setting("auto", choices=("auto", "reference"))
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -72,7 +74,8 @@ class ModelConfig:
 class DataConfig:
     train_shards: str = setting("", text=True)  # manifest.json, a directory holding one, or a brace pattern / URL list
     eval_shards: str = setting("", text=True)
-    rank_by: str = setting("overall", text=True, nonempty=True)  # score dimension used when a group has no explicit ranking
+    # score dimension used when a group has no explicit ranking
+    rank_by: str = setting("overall", text=True, nonempty=True)
     prompt: str = setting("", text=True)  # judging prompt template with {instruction}; "" = the built-in default
     max_pixels: int = setting(112 * 112, **PIXELS)
     min_pixels: int = setting(28 * 28, **PIXELS)  # <= max_pixels; every image is resized to at least this many pixels
@@ -80,11 +83,13 @@ class DataConfig:
     use_rationale: bool = setting(True)
     num_workers: int = setting(0, ge=0, le=256)
     shuffle_buffer: int = setting(64, ge=0)  # 0 or 1 = no shuffling within a shard
-    groups_per_batch: int = setting(2, ge=1, le=1 << 16)  # groups per micro-batch (all candidates of a group stay together)
+    # groups per micro-batch (all candidates of a group stay together)
+    groups_per_batch: int = setting(2, ge=1, le=1 << 16)
     # none (one padded row per candidate) | group (one packed row: shared prefix once, no padding)
     packing: str = setting("none", choices=("none", "group"))
     seed: int = setting(0, **SEED)
-    max_corrupt_fraction: float = setting(0.01, ge=0.0, le=1.0)  # abort when more than this fraction of an epoch's records are unusable
+    # abort when more than this fraction of an epoch's records are unusable
+    max_corrupt_fraction: float = setting(0.01, ge=0.0, le=1.0)
     verify: bool = setting(False)  # check every shard's sha256 against manifest.json before training (and in preflight)
 
 
@@ -119,7 +124,8 @@ class OptimConfig:
 
 @dataclass
 class ZeroConfig:
-    stage: int = setting(3, ge=1, le=3, choices=(1, 2, 3))  # jrm-train relies on a ZeRO optimizer to skip non-finite steps on all ranks
+    # jrm-train relies on a ZeRO optimizer to skip non-finite steps on all ranks
+    stage: int = setting(3, ge=1, le=3, choices=(1, 2, 3))
     offload_optimizer: str = setting("none", choices=("none", "cpu", "nvme"))
     offload_param: str = setting("none", choices=("none", "cpu", "nvme"))  # stage 3 only
     nvme_path: str = setting("/local_nvme", text=True, nonempty=True)
@@ -145,11 +151,13 @@ class TrainConfig:
     eval_every: int = setting(0, ge=0)  # 0 = only at the end
     save_every: int = setting(0, ge=0)  # 0 = only at the end
     keep_last: int = setting(2, ge=1)
-    max_consecutive_skips: int = setting(20, ge=1)  # stop with an error after this many skipped (non-finite) steps in a row
+    # stop with an error after this many skipped (non-finite) steps in a row
+    max_consecutive_skips: int = setting(20, ge=1)
     # Divergence guard: a save whose global weight norm exceeds this multiple of the norm the run started
     # from (initial or resumed weights) stops the run instead (finite but blown-up weights are not "good").
     divergence_factor: float = setting(100.0, gt=1.0)
-    step_log: bool = setting(True)  # append per-step losses + every rank's group keys to <output_dir>/steps.jsonl (audit, resume checks)
+    # append per-step losses + every rank's group keys to <output_dir>/steps.jsonl (audit, resume checks)
+    step_log: bool = setting(True)
 
 
 @dataclass

@@ -360,7 +360,8 @@ def test_jsonl_unpaired_surrogate_escape_is_rejected_naming_the_field(tmp_path):
     lone = json.dumps({"key": "s1", "instruction": "x\ud800y", "candidates": [c("img/a0.png"), c("img/b0.png")]})
     low = json.dumps({"key": "s2", "instruction": "ok", "candidates": [
         c("img/a0.png"), c("img/b0.png", rationale="bad \udc80")]})
-    pair = json.dumps({"key": "s3", "instruction": "smile \U0001f600", "candidates": [c("img/a0.png"), c("img/b0.png")]})
+    pair = json.dumps({"key": "s3", "instruction": "smile \U0001f600",
+                       "candidates": [c("img/a0.png"), c("img/b0.png")]})
     assert "\\ud800" in lone and "\\ud83d\\ude00" in pair  # written as JSON escapes, as the user's file had them
     src.write_text(src.read_text() + "\n".join([lone, low, pair]) + "\n")
     out = str(tmp_path / "out")
