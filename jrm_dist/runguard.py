@@ -9,7 +9,8 @@ their launcher, stop signals that end a run that has nothing to checkpoint, and 
 * **Die with the launcher.** torchrun starts each rank in its own session, so a ``kill -9`` of torchrun's
   process group leaves the ranks training on, with no agent to collect their exit codes or requeue them,
   and writing into the folder a restarted run would use. Each rank started by torchrun asks the kernel
-  (``prctl(PR_SET_PDEATHSIG)``) for SIGKILL when its parent (the agent) exits. SIGKILL, not SIGTERM:
+  (``prctl(PR_SET_PDEATHSIG)``) for SIGKILL when its parent (the agent) exits (strictly: the parent
+  thread that started it; torchrun starts workers from its main thread). SIGKILL, not SIGTERM:
   with the agent (and the rendezvous store it hosts) gone there is nobody to act on a checkpoint-and-requeue
   exit, a stuck collective could delay SIGTERM forever, and the last checkpoint is intact anyway (saves are
   write-then-rename). Plain ``jrm-train`` runs (a shell or ``nohup`` as parent) are left alone.
