@@ -40,24 +40,46 @@ class OutputDirBusy(RuntimeError):
     """Another live run holds the output folder."""
 
 
-def lock_output_dir(out: Path) -> int:
-    """Take the run lock of ``out`` (created if needed); return the descriptor to keep open for the run.
-    Raises OutputDirBusy naming the holder when a live run has it."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_NAME
+def _try_lock(path: Path) -> tuple[int | None, str]:
+    """(descriptor holding the exclusive flock of ``path``, "") or (None, the holder's self-description)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that has not named itself yet"
         os.close(fd)
-        raise OutputDirBusy(f"train.output_dir={str(out)!r} is in use by a live jrm-train run ({holder}); "
-                            f"refusing to start a second run there. Stop that run, or choose another "
-                            f"train.output_dir") from None
+        return None, holder
+    return fd, ""
+
+
+def _busy(out: Path, holder: str) -> str:
+    return (f"train.output_dir={str(out)!r} is in use by a live jrm-train run ({holder}); refusing to start a "
+            f"second run there. Stop that run, or choose another train.output_dir")
+
+
+def lock_output_dir(out: Path) -> int:
+    """Take the run lock of ``out`` (created if needed); return the descriptor to keep open for the run.
+    Raises OutputDirBusy naming the holder when a live run has it."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd, holder = _try_lock(out / LOCK_NAME)
+    if fd is None:
+        raise OutputDirBusy(_busy(out, holder))
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
     return fd
+
+
+def output_dir_busy(out: Path) -> str | None:
+    """For jrm-preflight: why ``out`` cannot be trained in now (a live run holds it), or None. Takes the
+    lock for an instant when it is free, so it never blocks a run."""
+    if not (out / LOCK_NAME).exists():
+        return None
+    fd, holder = _try_lock(out / LOCK_NAME)
+    if fd is None:
+        return _busy(out, holder)
+    os.close(fd)
+    return None
 
 
 def die_with_launcher() -> bool:
