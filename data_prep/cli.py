@@ -34,16 +34,32 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _images_outside(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="read image paths that lead out of --images (absolute or with ..); default: reject the "
+                        "record as image_outside_root")
+
+
+def _source_options(args, files: list[str]) -> dict:
+    """The manifest's options of a source read from files (what a resumed run must repeat)."""
+    options = {"inputs": [_file_id(f) for f in files], "images": args.images, "max_pixels": args.max_pixels}
+    if args.allow_outside_images:  # only when set: manifests written before the flag stay resumable
+        options["allow_outside_images"] = True
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jrm-prep", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("editreward", help="EditReward-Data parquet rows -> groups with K=2")
     p.add_argument("--input", nargs="+", required=True, help="parquet files or folders (searched recursively)")
     p.add_argument("--images", default=None, help="root for Image structs that hold a path instead of bytes")
+    _images_outside(p)
     _common(p)
     p = sub.add_parser("jsonl", help="generic JSONL of groups (format in data_prep/README.md)")
     p.add_argument("--input", nargs="+", required=True, help="one or more .jsonl files")
     p.add_argument("--images", default=None, help="root for relative image paths (default: the file's folder)")
+    _images_outside(p)
     _common(p)
     p = sub.add_parser("synthetic", help="learnable synthetic task: coloured squares + templated rationales")
     p.add_argument("--groups", type=int, required=True)
@@ -149,20 +165,22 @@ def _write_command(args: argparse.Namespace, argv: list[str]) -> int:
                                     rationale_style=args.rationale_style)
     elif args.cmd == "editreward":
         files = editreward.list_parquet(args.input)
-        options = {"inputs": [_file_id(f) for f in files], "images": args.images, "max_pixels": args.max_pixels}
+        options = _source_options(args, files)
         writer = ResumableShardWriter(args.out, source="editreward", command=command, options=options, **common)
         total = editreward.count_rows(files)
         items = editreward.iter_items(files, writer.skip_inputs)
-        convert = functools.partial(editreward.convert, images_root=args.images, max_pixels=args.max_pixels)
+        convert = functools.partial(editreward.convert, images_root=args.images, max_pixels=args.max_pixels,
+                                    allow_outside=args.allow_outside_images)
     elif args.cmd == "jsonl":
         for f in args.input:
             if not os.path.isfile(f):
                 raise PrepError(f"input {f} does not exist")
-        options = {"inputs": [_file_id(f) for f in args.input], "images": args.images, "max_pixels": args.max_pixels}
+        options = _source_options(args, args.input)
         writer = ResumableShardWriter(args.out, source="jsonl", command=command, options=options, **common)
         total = jsonl_groups.count_lines(args.input)
         items = jsonl_groups.iter_items(args.input, writer.skip_inputs)
-        convert = functools.partial(jsonl_groups.convert, images_root=args.images, max_pixels=args.max_pixels)
+        convert = functools.partial(jsonl_groups.convert, images_root=args.images, max_pixels=args.max_pixels,
+                                    allow_outside=args.allow_outside_images)
     else:  # rationales
         manifest, folder = verify.load_manifest(args.shards)
         if not os.path.isfile(args.rationales):

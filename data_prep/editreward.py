@@ -81,22 +81,23 @@ def _raw_key(row: dict[str, Any]) -> str | None:
     return None if k is None else str(k)
 
 
-def _image_bytes(value: Any, column: str, root: str) -> bytes:
+def _image_bytes(value: Any, column: str, root: str, allow_outside: bool = False) -> bytes:
     """An HF ``Image`` struct {bytes, path}: inline bytes first, else the path under ``root``."""
     if value is None:
         raise SchemaError("missing_image", f"column '{column}' is null")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        return read_image_file(value, root, f"column '{column}'")
+        return read_image_file(value, root, f"column '{column}'", allow_outside)
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"]
-        return read_image_file(value.get("path"), root, f"column '{column}'")
+        return read_image_file(value.get("path"), root, f"column '{column}'", allow_outside)
     raise SchemaError("wrong_type", f"column '{column}' is a {type(value).__name__}, not an Image struct")
 
 
-def convert(item: Item, images_root: str | None = None, max_pixels: int | None = None) -> Result:
+def convert(item: Item, images_root: str | None = None, max_pixels: int | None = None,
+            allow_outside: bool = False) -> Result:
     """One parquet row -> one shard sample (json + 3 images). Raises SchemaError with the column."""
     row = item.payload
     raw_key = _raw_key(row)
@@ -129,7 +130,8 @@ def convert(item: Item, images_root: str | None = None, max_pixels: int | None =
     sample: dict[str, bytes] = {"__key__": key}
     names: dict[str, str] = {}
     for column, base in IMAGE_COLUMNS:
-        data, ext = check_image(_image_bytes(row.get(column), column, root), f"column '{column}'", max_pixels)
+        data, ext = check_image(_image_bytes(row.get(column), column, root, allow_outside), f"column '{column}'",
+                                max_pixels)
         names[base] = f"{base}.{ext}"
         sample[names[base]] = data
     meta = {c: row.get(c) for c in ("key", "unique_key", "pair_index", "metadata_index", "left_img_rel",

@@ -64,11 +64,21 @@ def _reencode(im: Image.Image, fmt: str | None, max_pixels: int) -> bytes:
     return buf.getvalue()
 
 
-def read_image_file(path: str | None, root: str | None, field: str) -> bytes:
-    """Read an image file named by ``path`` (relative to ``root`` unless absolute)."""
+def read_image_file(path: str | None, root: str | None, field: str, allow_outside: bool = False) -> bytes:
+    """Read an image file named by ``path``, resolved under ``root`` (``--images``).
+
+    A path that leads out of ``root`` (absolute, or with ``..``) is rejected (``image_outside_root``)
+    unless ``allow_outside`` (``--allow-outside-images``): a record must not make jrm-prep read and
+    publish arbitrary files of the machine it runs on. The check is on the normalised path, so
+    symlinks placed inside ``root`` are followed as the user laid them out."""
     if not path:
         raise SchemaError("missing_image", f"{field}: no image path")
-    full = path if os.path.isabs(path) or root is None else os.path.join(root, path)
+    full = path if root is None else os.path.normpath(os.path.join(os.path.abspath(root), path))
+    if root is not None and not allow_outside:
+        base = os.path.normpath(os.path.abspath(root))
+        if os.path.commonpath([full, base]) != base:
+            raise SchemaError("image_outside_root", f"{field}: {path!r} resolves to {full}, outside the image "
+                                                    f"root {base} (--images); pass --allow-outside-images to read it")
     try:
         with open(full, "rb") as f:
             return f.read()

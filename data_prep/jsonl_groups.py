@@ -59,7 +59,8 @@ def _opt_str(value: Any, field: str) -> str | None:
     return value
 
 
-def convert(item: Item, images_root: str | None = None, max_pixels: int | None = None) -> Result:
+def convert(item: Item, images_root: str | None = None, max_pixels: int | None = None,
+            allow_outside: bool = False) -> Result:
     obj = parse_line(item.payload)
     if not isinstance(obj, dict):
         raise SchemaError("wrong_type", "line is not a JSON object")
@@ -82,7 +83,7 @@ def convert(item: Item, images_root: str | None = None, max_pixels: int | None =
     sample: dict[str, bytes] = {"__key__": key}
 
     def add(path: str, field: str, base: str) -> str:
-        data, ext = check_image(read_image_file(path, root, field), field, max_pixels)
+        data, ext = check_image(read_image_file(path, root, field, allow_outside), field, max_pixels)
         name = f"{base}.{ext}"
         sample[name] = data
         return name

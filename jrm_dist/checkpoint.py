@@ -231,21 +231,32 @@ def _rmtree_loud(path: Path, fault_hook=None) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
-def all_finite(module, device) -> tuple[bool, str | None]:
-    """Collective: True when every rank's local weights are finite (ZeRO-3: the rank's partitions
-    ``ds_tensor``; otherwise the full tensors). Returns (verdict of all ranks, first bad name here)."""
+def weight_stats(module, device) -> tuple[bool, str | None, float]:
+    """Collective over the local weights of every rank (ZeRO-3: each rank's partitions ``ds_tensor``;
+    otherwise the full tensors): (all finite, first non-finite name on this rank, global L2 norm).
+
+    The norm is over what the ranks hold, so under ZeRO-1/2 (every rank holds every weight) it is
+    sqrt(world) times the model's: compare it only with norms taken the same way (the divergence guard
+    compares with the run's own starting norm). Each tensor is scaled by its max first, so weights of
+    ~1e30 give a finite norm instead of overflowing float32."""
     bad = None
+    sq = 0.0
     with torch.no_grad():
         for name, p in module.named_parameters():
             t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-            if t.numel() and not bool(torch.isfinite(t).all()):
-                bad = name
-                break
+            if not t.numel():
+                continue
+            if not bool(torch.isfinite(t).all()):
+                bad = bad or name
+                continue
+            m = float(t.abs().max())
+            if m > 0:
+                sq += (m * float(torch.linalg.vector_norm(t / m))) ** 2
     if torch.distributed.is_initialized():
-        flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() == 0), bad
-    return bad is None, bad
+        acc = torch.tensor([0.0 if bad is None else 1.0, sq], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(acc)
+        return bool(acc[0].item() == 0), bad, float(acc[1].item()) ** 0.5
+    return bad is None, bad, sq ** 0.5
 
 
 def _write_json(path: Path, obj) -> None:

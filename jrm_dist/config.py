@@ -2,7 +2,9 @@
 
     cfg = load_config("configs/tiny.yaml", ["train.max_steps=20", "loss.alpha=0.3"])
 
-Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the dotted key.
+Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the dotted key. Every field
+declares its valid values next to its default (``setting(...)``: bounds, choices, length, free text), and
+``validate`` walks every field of every section from those declarations, so a new key cannot go unchecked.
 """
 from __future__ import annotations
 
@@ -21,113 +23,149 @@ class ConfigError(ValueError):
     pass
 
 
+MISSING = dataclasses.MISSING
+SPEC = "valid"  # the dataclass field metadata entry that declares a key's valid values
+
+
+def setting(default=MISSING, *, factory=MISSING, ge=None, gt=None, le=None, lt=None, choices=None, length=None,
+        nonempty: bool = False, text: bool = False):
+    """A config field with its valid values declared next to its default (the one place ranges live).
+
+    Numbers (and the items of number lists) take bounds ``ge``/``gt`` (a lower bound is required) and
+    ``le``/``lt``; strings take ``choices`` or ``text=True`` (free text, ``nonempty`` to refuse "");
+    lists take ``length=(min, max)``. Booleans need no bounds."""
+    spec = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None,
+            "length": length, "nonempty": nonempty, "text": text}
+    return field(default=default, default_factory=factory, metadata={SPEC: spec})
+
+
+PIXELS = dict(ge=28 * 28, le=28 * 28 * 16384)  # one merged 28x28 image token .. Qwen2.5-VL's own max_pixels
+SEED = dict(ge=0, le=2**32 - 1)
+
+
 @dataclass
 class LoraConfig:
-    r: int = 0  # 0 = LoRA off
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = setting(0, ge=0, le=4096)  # 0 = LoRA off
+    alpha: int = setting(16, ge=1, le=1 << 16)
+    dropout: float = setting(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = setting(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], text=True,
+                                    nonempty=True, length=(1, None))
 
 
 @dataclass
 class ModelConfig:
-    name: str = "runs/tiny-backbone"  # HF path or name of the VLM backbone (loaded by auto classes)
-    reward_token: str = "<|reward|>"
-    head_hidden: int = 1024  # reward-head MLP width
-    precision: str = "fp32"  # fp32 | bf16 (DeepSpeed bf16 mixed precision when bf16)
-    attn_implementation: str = "auto"  # auto (flash-attn 2 if installed on GPU, else sdpa) | sdpa | eager | flash_attention_2
-    gradient_checkpointing: bool = False
-    freeze_vision: bool = False
-    freeze_merger: bool = False
-    freeze_lm: bool = False
-    lm_ce: str = "auto"  # auto (fused kernels) | reference (torch masked_lm_loss)
+    # HF path or name of the VLM backbone (loaded by auto classes)
+    name: str = setting("runs/tiny-backbone", text=True, nonempty=True)
+    reward_token: str = setting("<|reward|>", text=True, nonempty=True)
+    head_hidden: int = setting(1024, ge=1, le=1 << 16)  # reward-head MLP width
+    precision: str = setting("fp32", choices=("fp32", "bf16"))  # fp32 | bf16 (DeepSpeed bf16 mixed precision when bf16)
+    # auto (flash-attn 2 if installed on GPU, else sdpa) | sdpa | eager | flash_attention_2
+    attn_implementation: str = setting("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    gradient_checkpointing: bool = setting(False)
+    freeze_vision: bool = setting(False)
+    freeze_merger: bool = setting(False)
+    freeze_lm: bool = setting(False)
+    # auto (fused kernels) | reference (torch masked_lm_loss)
+    lm_ce: str = setting("auto", choices=("auto", "reference"))
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # manifest.json, a directory holding one, or a brace pattern / URL list
-    eval_shards: str = ""
-    rank_by: str = "overall"  # score dimension used when a group has no explicit ranking
-    prompt: str = ""  # judging prompt template with {instruction}; "" = the built-in default
-    max_pixels: int = 112 * 112
-    min_pixels: int = 28 * 28
-    max_length: int = 2048
-    use_rationale: bool = True
-    num_workers: int = 0
-    shuffle_buffer: int = 64
-    groups_per_batch: int = 2  # groups per micro-batch (all candidates of a group stay together)
-    packing: str = "none"  # none (one padded row per candidate) | group (one packed row: shared prefix once, no padding)
-    seed: int = 0
-    max_corrupt_fraction: float = 0.01  # abort when more than this fraction of an epoch's records are unusable
-    verify: bool = False  # check every shard's sha256 against manifest.json before training (and in preflight)
+    train_shards: str = setting("", text=True)  # manifest.json, a directory holding one, or a brace pattern / URL list
+    eval_shards: str = setting("", text=True)
+    # score dimension used when a group has no explicit ranking
+    rank_by: str = setting("overall", text=True, nonempty=True)
+    prompt: str = setting("", text=True)  # judging prompt template with {instruction}; "" = the built-in default
+    max_pixels: int = setting(112 * 112, **PIXELS)
+    min_pixels: int = setting(28 * 28, **PIXELS)  # <= max_pixels; every image is resized to at least this many pixels
+    max_length: int = setting(2048, ge=16, le=1 << 20)
+    use_rationale: bool = setting(True)
+    num_workers: int = setting(0, ge=0, le=256)
+    shuffle_buffer: int = setting(64, ge=0)  # 0 or 1 = no shuffling within a shard
+    # groups per micro-batch (all candidates of a group stay together)
+    groups_per_batch: int = setting(2, ge=1, le=1 << 16)
+    # none (one padded row per candidate) | group (one packed row: shared prefix once, no padding)
+    packing: str = setting("none", choices=("none", "group"))
+    seed: int = setting(0, **SEED)
+    # abort when more than this fraction of an epoch's records are unusable
+    max_corrupt_fraction: float = setting(0.01, ge=0.0, le=1.0)
+    verify: bool = setting(False)  # check every shard's sha256 against manifest.json before training (and in preflight)
 
 
 @dataclass
 class LossConfig:
-    rank_mode: str = "thurstone"  # thurstone | bt_expected | bt
-    ties: str = "model"  # model | ignore
-    tie_margin: float = 0.5
-    alpha: float = 0.3  # L = (1 - alpha) L_rank + alpha L_LM
-    alpha_schedule: str = "constant"  # constant | linear | cosine
-    alpha_start: float = 0.0
-    alpha_ramp_steps: int = 0
-    z_loss: float = 0.0
-    label_smoothing: float = 0.0
+    rank_mode: str = setting("thurstone", choices=("thurstone", "bt_expected", "bt"))
+    ties: str = setting("model", choices=("model", "ignore"))
+    tie_margin: float = setting(0.5, ge=0.0, le=100.0)
+    alpha: float = setting(0.3, ge=0.0, le=1.0)  # L = (1 - alpha) L_rank + alpha L_LM
+    alpha_schedule: str = setting("constant", choices=("constant", "linear", "cosine"))
+    alpha_start: float = setting(0.0, ge=0.0, le=1.0)
+    alpha_ramp_steps: int = setting(0, ge=0)
+    z_loss: float = setting(0.0, ge=0.0, le=1.0)
+    label_smoothing: float = setting(0.0, ge=0.0, lt=1.0)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | cpu_adam | adamw8bit | paged_adamw8bit
-    lr: float = 2e-6
-    head_lr: float = 1e-4  # reward head and reward-token embedding
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    schedule: str = "constant"  # constant | cosine | wsd (all with linear warmup)
-    warmup_ratio: float = 0.05
-    decay_ratio: float = 0.1  # wsd: fraction of steps in the final decay
-    min_lr_ratio: float = 0.0
+    name: str = setting("adamw", choices=("adamw", "cpu_adam", "adamw8bit", "paged_adamw8bit"))
+    # Above ~3e37 Adam's bias-corrected step size overflows float32 (3e38 crashed at step 1); a large but
+    # representable LR is left to the divergence guard (train.divergence_factor) and the skip limit.
+    lr: float = setting(2e-6, ge=0.0, le=1e30)
+    head_lr: float = setting(1e-4, ge=0.0, le=1e30)  # reward head and reward-token embedding
+    weight_decay: float = setting(0.0, ge=0.0, le=10.0)
+    betas: list[float] = setting(factory=lambda: [0.9, 0.999], ge=0.0, lt=1.0, length=(2, 2))
+    eps: float = setting(1e-8, gt=0.0, le=1.0)  # 0 divides 0 by 0 for a parameter whose gradient is 0
+    schedule: str = setting("constant", choices=("constant", "cosine", "wsd"))  # all with linear warmup
+    warmup_ratio: float = setting(0.05, ge=0.0, le=1.0)
+    decay_ratio: float = setting(0.1, ge=0.0, le=1.0)  # wsd: fraction of steps in the final decay
+    min_lr_ratio: float = setting(0.0, ge=0.0, le=1.0)  # cosine / wsd end at min_lr_ratio * lr
 
 
 @dataclass
 class ZeroConfig:
-    stage: int = 3
-    offload_optimizer: str = "none"  # none | cpu | nvme
-    offload_param: str = "none"  # none | cpu | nvme (stage 3 only)
-    nvme_path: str = "/local_nvme"
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = 50_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
-    stage3_max_live_parameters: int = 1_000_000_000
-    stage3_max_reuse_distance: int = 1_000_000_000
-    stage3_gather_16bit_weights_on_model_save: bool = False
+    # jrm-train relies on a ZeRO optimizer to skip non-finite steps on all ranks
+    stage: int = setting(3, ge=1, le=3, choices=(1, 2, 3))
+    offload_optimizer: str = setting("none", choices=("none", "cpu", "nvme"))
+    offload_param: str = setting("none", choices=("none", "cpu", "nvme"))  # stage 3 only
+    nvme_path: str = setting("/local_nvme", text=True, nonempty=True)
+    overlap_comm: bool = setting(True)
+    contiguous_gradients: bool = setting(True)
+    reduce_bucket_size: int = setting(50_000_000, ge=1)
+    stage3_prefetch_bucket_size: int = setting(50_000_000, ge=0)
+    stage3_param_persistence_threshold: int = setting(100_000, ge=0)
+    stage3_max_live_parameters: int = setting(1_000_000_000, ge=1)
+    stage3_max_reuse_distance: int = setting(1_000_000_000, ge=0)
+    stage3_gather_16bit_weights_on_model_save: bool = setting(False)
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/jrm"
-    max_steps: int = 100
-    epochs: int = 1
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0  # 0 = only at the end
-    save_every: int = 0  # 0 = only at the end
-    keep_last: int = 2
-    max_consecutive_skips: int = 20  # stop with an error after this many skipped (non-finite) steps in a row
-    step_log: bool = True  # append per-step losses + every rank's group keys to <output_dir>/steps.jsonl (audit, resume checks)
+    output_dir: str = setting("runs/jrm", text=True, nonempty=True)
+    max_steps: int = setting(100, ge=1)
+    epochs: int = setting(1, ge=1)
+    grad_accum: int = setting(1, ge=1)
+    grad_clip: float = setting(1.0, ge=0.0)  # 0 = no clipping
+    seed: int = setting(0, **SEED)
+    log_every: int = setting(1, ge=1)
+    eval_every: int = setting(0, ge=0)  # 0 = only at the end
+    save_every: int = setting(0, ge=0)  # 0 = only at the end
+    keep_last: int = setting(2, ge=1)
+    # stop with an error after this many skipped (non-finite) steps in a row
+    max_consecutive_skips: int = setting(20, ge=1)
+    # Divergence guard: a save whose global weight norm exceeds this multiple of the norm the run started
+    # from (initial or resumed weights) stops the run instead (finite but blown-up weights are not "good").
+    divergence_factor: float = setting(100.0, gt=1.0)
+    # append per-step losses + every rank's group keys to <output_dir>/steps.jsonl (audit, resume checks)
+    step_log: bool = setting(True)
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///<output_dir>/mlflow.db
-    experiment: str = "jrm"
-    run_name: str = ""
+    enabled: bool = setting(True)
+    uri: str = setting("", text=True)  # "" = $MLFLOW_TRACKING_URI or sqlite:///<output_dir>/mlflow.db
+    experiment: str = setting("jrm", text=True, nonempty=True)
+    run_name: str = setting("", text=True)
 
 
 @dataclass
@@ -155,30 +193,6 @@ class JRMConfig:
                     out[f"{prefix}{k}"] = v
         walk(self.to_dict(), "")
         return out
-
-
-_CHOICES = {
-    "model.precision": ("fp32", "bf16"),
-    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "model.lm_ce": ("auto", "reference"),
-    "data.packing": ("none", "group"),
-    "loss.rank_mode": ("thurstone", "bt_expected", "bt"),
-    "loss.ties": ("model", "ignore"),
-    "loss.alpha_schedule": ("constant", "linear", "cosine"),
-    "optim.name": ("adamw", "cpu_adam", "adamw8bit", "paged_adamw8bit"),
-    "optim.schedule": ("constant", "cosine", "wsd"),
-    "zero.stage": (1, 2, 3),  # jrm-train relies on a ZeRO optimizer to skip non-finite steps on all ranks
-    "zero.offload_optimizer": ("none", "cpu", "nvme"),
-    "zero.offload_param": ("none", "cpu", "nvme"),
-}
-_RANGES = {  # inclusive
-    "loss.alpha": (0.0, 1.0), "loss.alpha_start": (0.0, 1.0), "loss.tie_margin": (0.0, None),
-    "optim.lr": (0.0, None), "optim.head_lr": (0.0, None), "optim.warmup_ratio": (0.0, 1.0),
-    "optim.decay_ratio": (0.0, 1.0), "train.max_steps": (1, None), "train.grad_accum": (1, None),
-    "train.keep_last": (1, None), "data.groups_per_batch": (1, None), "data.max_length": (16, None),
-    "loss.label_smoothing": (0.0, 1.0), "model.head_hidden": (1, None),
-    "train.max_consecutive_skips": (1, None), "data.max_corrupt_fraction": (0.0, 1.0),
-}
 
 
 def _coerce(key: str, tp, value):
@@ -215,7 +229,7 @@ def _coerce(key: str, tp, value):
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 return str(value)
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -275,26 +289,56 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _check_finite(flat: dict[str, Any]) -> None:
-    """Every float field (and float list item) of every section: NaN/Inf pass range checks silently
-    (``nan < 0`` is False), so they are refused here, once, for all keys."""
-    for key, v in flat.items():
-        for i, x in enumerate(v if isinstance(v, list) else [v]):
-            if isinstance(x, float) and not math.isfinite(x):
-                name = f"{key}[{i}]" if isinstance(v, list) else key
-                raise ConfigError(f"{name}={x!r}: must be a finite number (NaN and Inf are not allowed)")
+def _check_value(name: str, x: Any, spec: dict) -> None:
+    """One scalar (a field, or one item of a list field) against its declaration."""
+    if isinstance(x, float) and not math.isfinite(x):  # NaN passes every comparison below silently
+        raise ConfigError(f"{name}={x!r}: must be a finite number (NaN and Inf are not allowed)")
+    if spec["choices"] is not None and x not in spec["choices"]:
+        raise ConfigError(f"{name}={x!r}: expected one of {', '.join(map(str, spec['choices']))}")
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        lo = spec["ge"] if spec["ge"] is not None else spec["gt"]
+        hi = spec["le"] if spec["le"] is not None else spec["lt"]
+        if (spec["ge"] is not None and x < spec["ge"]) or (spec["gt"] is not None and x <= spec["gt"]) or \
+                (spec["le"] is not None and x > spec["le"]) or (spec["lt"] is not None and x >= spec["lt"]):
+            raise ConfigError(f"{name}={x!r}: out of range {'[' if spec['gt'] is None else '('}{lo}, "
+                              f"{'inf' if hi is None else hi}{']' if spec['lt'] is None else ')'}")
+    if isinstance(x, str) and spec["nonempty"] and not x.strip():
+        raise ConfigError(f"{name}: must not be empty")
+
+
+_UNDECLARED = setting().metadata[SPEC]
+
+
+def walk_settings(cls=None, prefix: str = ""):
+    """(dotted key, annotated type, declaration) of every leaf field of the config, sections recursed."""
+    cls = cls or JRMConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from walk_settings(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, hints[f.name], f.metadata.get(SPEC)
 
 
 def validate(cfg: JRMConfig) -> JRMConfig:
     flat = cfg.flat()
-    _check_finite(flat)
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"{key}={flat[key]!r}: expected one of {', '.join(map(str, choices))}")
-    for key, (lo, hi) in _RANGES.items():
-        v = flat[key]
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ConfigError(f"{key}={v!r}: out of range [{lo}, {'inf' if hi is None else hi}]")
+    for name, _, spec in walk_settings():
+        # A key without a declaration still gets its type and finiteness checked here; the declaration
+        # itself is enforced by tests/test_config.py (test_every_key_declares_its_valid_values).
+        spec = spec or _UNDECLARED
+        v = flat[name]
+        if isinstance(v, list):
+            lo, hi = spec["length"] or (None, None)
+            if (lo is not None and len(v) < lo) or (hi is not None and len(v) > hi):
+                want = lo if lo == hi else f"{lo or 0} to {'any number of' if hi is None else hi}"
+                raise ConfigError(f"{name}: expected {want} item(s), got {len(v)}")
+            for i, x in enumerate(v):
+                _check_value(f"{name}[{i}]", x, spec)
+        else:
+            _check_value(name, v, spec)
+    if cfg.data.min_pixels > cfg.data.max_pixels:
+        raise ConfigError(f"data.min_pixels={cfg.data.min_pixels} > data.max_pixels={cfg.data.max_pixels}: every "
+                          f"image would be resized up past the budget")
     if cfg.zero.offload_param != "none" and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_param needs zero.stage=3")
     if cfg.loss.ties == "model" and cfg.loss.tie_margin <= 0:

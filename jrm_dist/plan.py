@@ -753,7 +753,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         p, text = run(args)
     except (PlanError, ConfigError) as e:

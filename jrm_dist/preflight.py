@@ -157,7 +157,13 @@ def checkpoint_bytes(cfg: JRMConfig, d: Path | None) -> tuple[float, float] | No
 
 
 def check_output(cfg: JRMConfig, d: Path | None, rep: Report, min_free_gib: float | None) -> None:
+    from jrm_dist.runguard import output_dir_busy
+
     out = Path(cfg.train.output_dir).absolute()
+    busy = output_dir_busy(out)
+    if busy:
+        rep.fail(busy)
+        return
     base = out  # the trainer creates the directory: check the nearest one that exists
     while not base.exists():
         base = base.parent
@@ -237,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     cfg, problems = run(args)
     if problems:
         print(f"preflight: {len(problems)} problem(s); nothing was launched", file=sys.stderr)

@@ -315,7 +315,7 @@ def main(argv=None) -> int:
                     help="only add the caption-retention metric to finished runs that lack it (and log it)")
     ap.add_argument("--probe", action="store_true",
                     help="only probe the finished runs (probe_export -> <run>/probe.json) and print a table")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     t_all = time.time()
     torch.set_num_threads(1)  # scoring and pre-training: one thread is fastest on a busy 2-core machine
     repro, train_dict = load(a.config, a.overrides, a.sweep)

@@ -32,6 +32,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.utils import _parse_rendezvous_config, parse_rendezvous_endpoint
 from torch.distributed.run import get_args_parser, parse_min_max_nnodes, run
 
+from jrm_dist.runguard import LAUNCHER_PID_ENV
 from jrm_dist.train import REQUEUE_EXIT_CODE
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
           f"process(es), rendezvous {'standalone' if args.standalone else f'{args.rdzv_backend} {args.rdzv_endpoint}'}",
           file=sys.stderr, flush=True)
     grace = RequeueGrace(args)
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the workers check that their parent is still this agent
     try:
         run(args)
     except ChildFailedError as e:

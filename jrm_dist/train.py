@@ -12,7 +12,9 @@ torchrun / SLURM (env:// rendezvous). Per optimizer step:
    discards the whole step (invalid global grad norm) — counted in ``skipped_steps``;
 3. metrics reduced in one all-reduce, logged by rank 0 (MLflow in a background thread, steps.jsonl);
 4. checkpoint every ``train.save_every`` steps, at the end, and on SIGTERM/SIGUSR1 (then exit
-   ``REQUEUE_EXIT_CODE`` and write ``<output_dir>/REQUEUE`` so a launcher requeues);
+   ``REQUEUE_EXIT_CODE`` and write ``<output_dir>/REQUEUE`` so a launcher requeues; with nothing trained
+   since the last checkpoint the signal exits at once); a save with diverged weights stops the run
+   (``train.divergence_factor``); one run per output folder (lock), ranks die with torchrun (jrm_dist.runguard);
 5. eval every ``train.eval_every`` steps on ``data.eval_shards``: accuracy, effective rank of the
    reward-token features, singular-value spectrum PNG;
 6. at the end: consolidated HF export in ``<output_dir>/export`` (same code as ``jrm-export``).
@@ -20,7 +22,8 @@ torchrun / SLURM (env:// rendezvous). Per optimizer step:
 Fault injection for the tests (real faults in the real stack, off unless set):
 ``JRM_FAULTS="kill@STEP:RANK,nan@STEP:RANK,signal@STEP:RANK:USR1,crash_save@STEP:RANK,crash_prune@STEP:RANK"``
 (crash_prune: SIGKILL while the save at STEP deletes a pruned checkpoint, after part of it is gone;
-``nan_weights@STEP:RANK``: after STEP, a NaN in this rank's partition of the first parameter).
+``nan_weights@STEP:RANK``: after STEP, a NaN in this rank's partition of the first parameter;
+``big_weights@STEP:RANK``: after STEP (before its save), this rank's partitions of every parameter times 1e6).
 
 Failures are loud: ``train.max_consecutive_skips`` skipped steps in a row, or non-finite weights at a
 save, stop the run with exit status 1 (``TrainingAborted``, not the requeue code); nothing non-finite
@@ -67,7 +70,8 @@ class Faults:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             kind, _, rest = part.partition("@")
             bits = rest.split(":")
-            if kind not in ("kill", "nan", "signal", "crash_save", "crash_prune", "nan_weights") or len(bits) < 2:
+            if kind not in ("kill", "nan", "signal", "crash_save", "crash_prune", "nan_weights", "big_weights") \
+                    or len(bits) < 2:
                 raise ValueError(f"JRM_FAULTS: cannot parse {part!r} (kind@STEP:RANK[:SIG])")
             self.items.append((kind, int(bits[0]), int(bits[1]), bits[2] if len(bits) > 2 else ""))
 
@@ -148,15 +152,38 @@ class Trainer:
         self.stop_signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        self.run_lock = self._lock_output_dir()  # before the sweep: a live run's half-done save is not debris
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / REQUEUE_MARKER).unlink(missing_ok=True)
             ck.sweep(self.out)  # half-done saves and prunes of a crashed run
         self.dist.barrier()
         self.resume_from = ck.find_resume(self.out, resume)
         self.saved_state = ck.read_state(self.resume_from) if self.resume_from else None
 
+    def _lock_output_dir(self) -> int | None:
+        """Rank 0 holds the output folder's run lock (jrm_dist.runguard); every rank learns the verdict, so
+        all of them refuse together when another live run holds the folder."""
+        from jrm_dist.runguard import OutputDirBusy, lock_output_dir
+
+        fd, verdict = None, [None]
+        if self.rank == 0:
+            try:
+                fd = lock_output_dir(self.out)
+            except OutputDirBusy as e:
+                verdict = [str(e)]
+        self.dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise OutputDirBusy(verdict[0])
+        return fd
+
     def _on_signal(self, signum, frame) -> None:
+        saved = getattr(self, "saved_step", None)
+        if saved is None or saved == self.step:  # nothing trained since the last checkpoint: no step to wait for
+            from jrm_dist.runguard import exit_for_requeue
+
+            step = saved if saved is not None else int((getattr(self, "saved_state", None) or {}).get("step", 0))
+            marker = REQUEUE_MARKER if getattr(self, "run_lock", None) is not None else None  # only into our folder
+            exit_for_requeue(self.out, self.rank, signum, step, REQUEUE_EXIT_CODE, marker)
         if self.stop_signal is None:
             log.warning("received %s: will checkpoint after the current step and exit %d for requeue",
                         signal.Signals(signum).name, REQUEUE_EXIT_CODE)
@@ -228,6 +255,8 @@ class Trainer:
         if self.rank == 0:
             self._prepare_run_dir()
         self.it = None
+        self.saved_step = self.step  # a checkpoint (or the untrained start) holds this state already
+        self.start_norm = ck.weight_stats(self.model, self.dev)[2]  # the divergence guard's reference
 
     def _train_shards(self) -> list:
         """data.train_shards resolved (and with data.verify, every shard's sha256 checked, the shards split
@@ -448,15 +477,21 @@ class Trainer:
     # ---- checkpoint
     def save(self) -> Path:
         from jrm_dist import checkpoint as ck
+        from jrm_dist.runguard import divergence
 
         t0 = time.perf_counter()
-        finite, bad = ck.all_finite(self.engine.module, self.dev)
+        finite, bad, norm = ck.weight_stats(self.engine.module, self.dev)
         if not finite:
-            latest = ck.ckpt_root(self.out) / ck.LATEST
             raise TrainingAborted(
                 f"step {self.step}: the model weights are not finite ({'e.g. ' + bad + ' on this rank' if bad else 'on another rank'}); "
-                f"not saving a checkpoint or export. The last good checkpoint: "
-                f"{latest.read_text().strip() if latest.exists() else 'none'} (lower optim.lr / optim.head_lr?)")
+                f"not saving a checkpoint or export. The last good checkpoint: {self._last_sane_checkpoint()} "
+                f"(lower optim.lr / optim.head_lr?)")
+        diverged = divergence(norm, self.start_norm, self.cfg.train.divergence_factor)
+        if diverged:
+            raise TrainingAborted(
+                f"step {self.step}: the weights diverged: {diverged}; not saving a checkpoint or export. The last "
+                f"sane checkpoint: {self._last_sane_checkpoint()} (lower optim.lr / optim.head_lr, then resume "
+                f"from it with --resume)")
         run_id = self.tracker.wait_run_id(60.0) if self.rank == 0 else None
         state = {"step": self.step, "world_size": self.world, "mlflow_run_id": run_id, "counters": self.counters,
                  "zero_stage": self.cfg.zero.stage, "lora": self.cfg.model.lora.r > 0,
@@ -466,7 +501,16 @@ class Trainer:
                        keep_last=self.cfg.train.keep_last, fault_hook=self.faults.save_hook)
         if self.rank == 0:
             log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
+        self.saved_step = self.step
         return path
+
+    def _last_sane_checkpoint(self) -> str:
+        """Every checkpoint passed the finiteness and divergence checks when it was saved, so ``latest``
+        names the last sane one."""
+        from jrm_dist import checkpoint as ck
+
+        latest = ck.ckpt_root(self.out) / ck.LATEST
+        return str(latest.parent / latest.read_text().strip()) if latest.exists() else "none (nothing was saved)"
 
     def _hf_files(self, d: Path) -> None:
         """What jrm-export needs besides the weights: backbone config, processor files, head settings."""
@@ -586,7 +630,8 @@ class Trainer:
                     raise TrainingAborted(
                         f"step {self.step}: {skips_in_a_row} steps in a row had a non-finite loss and were skipped "
                         f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); stopping. Check "
-                        f"loss.*, optim.lr and the data; resume from the last checkpoint after fixing it")
+                        f"loss.*, optim.lr and the data; after fixing it, resume from the last sane checkpoint: "
+                        f"{self._last_sane_checkpoint()}")
                 if self.faults.hit("kill", self.step):
                     log.error("JRM_FAULTS: SIGKILL after step %d", self.step)
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -595,6 +640,11 @@ class Trainer:
                     p = next(self.engine.module.parameters())
                     with torch.no_grad():
                         (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).view(-1)[0] = float("nan")
+                if self.faults.hit("big_weights", self.step):
+                    log.error("JRM_FAULTS: this rank's weights times 1e6 after step %d", self.step)
+                    with torch.no_grad():
+                        for p in self.engine.module.parameters():
+                            (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).mul_(1e6)
                 if self.faults.hit("signal", self.step):
                     sig = getattr(signal, "SIG" + self.faults.hit("signal", self.step).removeprefix("SIG"))
                     os.kill(os.getpid(), sig)
@@ -692,8 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from jrm_dist.config import ConfigError, load_config
+    from jrm_dist.runguard import OutputDirBusy, die_with_launcher
 
-    args = build_parser().parse_args(argv)
+    die_with_launcher()  # under torchrun: a rank must not outlive its agent (see jrm_dist.runguard)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -702,7 +754,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # DeepSpeed 0.19 calls c10d collectives that torch 2.13 marks deprecated: one warning per call, per step.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+\W* is deprecated", category=FutureWarning)
-    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except OutputDirBusy as e:
+        print(f"jrm-train: error: {e}", file=sys.stderr, flush=True)
+        torch.distributed.destroy_process_group()
+        return 2
     try:
         code = trainer.fit()
     except TrainingAborted as e:

@@ -341,6 +341,64 @@ def test_jsonl_non_utf8_text_is_rejected_not_replaced(tmp_path):
     assert json.load(open(os.path.join(out, "manifest.json")))["rejects_by_reason"] == {"bad_encoding": 3}
 
 
+def test_jsonl_byte_order_mark_keeps_the_first_record(tmp_path):
+    """A file saved with a UTF-8 byte-order mark lost its first (good) record as bad_json (issue 18 §4)."""
+    src = write_jsonl_fixture(tmp_path, n_good=3, bad=False)
+    src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
+    out = str(tmp_path / "out")
+    assert main(["jsonl", "--input", str(src), "--out", out, "--quiet"]) == 0
+    assert rejects(out) == []
+    assert set(records(out)) == {"g0", "g1", "g2"}
+
+
+def test_jsonl_unpaired_surrogate_escape_is_rejected_naming_the_field(tmp_path):
+    """JSON escapes such as \\ud800 decode to a lone surrogate that has no UTF-8 form: the record was
+    rejected as 'unexpected_error: UnicodeEncodeError' naming no field (issue 18 §4). A proper pair
+    (an emoji) is fine."""
+    src = write_jsonl_fixture(tmp_path, n_good=2, bad=False)
+    c = lambda img, **kw: {"images": [img], "scores": {"overall": 1}, **kw}  # noqa: E731
+    lone = json.dumps({"key": "s1", "instruction": "x\ud800y", "candidates": [c("img/a0.png"), c("img/b0.png")]})
+    low = json.dumps({"key": "s2", "instruction": "ok", "candidates": [
+        c("img/a0.png"), c("img/b0.png", rationale="bad \udc80")]})
+    pair = json.dumps({"key": "s3", "instruction": "smile \U0001f600",
+                       "candidates": [c("img/a0.png"), c("img/b0.png")]})
+    assert "\\ud800" in lone and "\\ud83d\\ude00" in pair  # written as JSON escapes, as the user's file had them
+    src.write_text(src.read_text() + "\n".join([lone, low, pair]) + "\n")
+    out = str(tmp_path / "out")
+    assert main(["jsonl", "--input", str(src), "--out", out, "--quiet"]) == 0
+    rej = {r["line"]: r for r in rejects(out)}
+    assert sorted(rej) == [3, 4] and {r["reason"] for r in rej.values()} == {"bad_encoding"}, rej
+    assert "field 'instruction'" in rej[3]["detail"] and "surrogate" in rej[3]["detail"]
+    assert "field 'candidates[1].rationale'" in rej[4]["detail"]
+    assert records(out)["s3"]["rec"]["instruction"] == "smile \U0001f600"
+
+
+def test_jsonl_image_paths_outside_images_root_need_opt_in(tmp_path):
+    """An absolute path, or one with .., outside --images was read and published in the shards (issue 18
+    §4): it is rejected as image_outside_root naming the field, unless --allow-outside-images."""
+    data = tmp_path / "data"
+    data.mkdir()
+    src = write_jsonl_fixture(data, n_good=2, bad=False)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png((9, 9, 9)))
+    c = lambda img: {"images": [img], "scores": {"overall": 1}}  # noqa: E731
+    lines = [json.dumps({"key": "o1", "instruction": "i", "candidates": [c("img/a0.png"), c(str(secret))]}),
+             json.dumps({"key": "o2", "instruction": "i", "source_images": ["../secret.png"],
+                         "candidates": [c("img/a0.png"), c("img/b0.png")]})]
+    src.write_text(src.read_text() + "\n".join(lines) + "\n")
+    out = str(tmp_path / "out")
+    assert main(["jsonl", "--input", str(src), "--images", str(data), "--out", out, "--quiet"]) == 0
+    rej = {r["key"]: r for r in rejects(out)}
+    assert sorted(rej) == ["o1", "o2"] and {r["reason"] for r in rej.values()} == {"image_outside_root"}, rej
+    assert "candidates[1].images[0]" in rej["o1"]["detail"] and "--allow-outside-images" in rej["o1"]["detail"]
+    assert "source_images[0]" in rej["o2"]["detail"]
+    assert set(records(out)) == {"g0", "g1"}
+    out2 = str(tmp_path / "out2")
+    assert main(["jsonl", "--input", str(src), "--images", str(data), "--allow-outside-images", "--out", out2,
+                 "--quiet"]) == 0
+    assert rejects(out2) == [] and records(out2)["o1"]["c1_0.png"] == secret.read_bytes()
+
+
 def test_rationales_non_utf8_line_is_rejected(tmp_path):
     shards, out = str(tmp_path / "s"), str(tmp_path / "o")
     assert main(["synthetic", "--out", shards, "--groups", "3", "--quiet"]) == 0

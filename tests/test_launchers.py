@@ -188,6 +188,21 @@ def test_preflight_config_model_and_disk(preflight, tiny_backbone, synthetic_sha
     assert r.returncode == 2 and "64 process(es) per node need 64 GPU(s)" in r.stderr
 
 
+def test_preflight_refuses_an_output_dir_that_a_live_run_holds(preflight, tiny_backbone, synthetic_shards, tmp_path):
+    """The launchers run preflight before any torchrun starts: a folder held by a live run fails there (issue 18
+    §3); a lock file left by a dead run does not."""
+    from jrm_dist.runguard import lock_output_dir
+
+    fd = lock_output_dir(tmp_path / "o")  # this process plays the live run (flock: per open file)
+    try:
+        r = preflight(*_overrides(tiny_backbone, synthetic_shards, tmp_path / "o"))
+        assert r.returncode == 2 and "is in use by a live jrm-train run" in r.stderr, r.stderr
+        assert f'"pid": {os.getpid()}' in r.stderr
+    finally:
+        os.close(fd)
+    assert preflight(*_overrides(tiny_backbone, synthetic_shards, tmp_path / "o")).returncode == 0
+
+
 def test_preflight_estimates_72b_checkpoint_size(tmp_path):
     """72B under ZeRO-3 + AdamW: ~14 bytes/parameter per checkpoint (bf16 weights + fp32 master, m, v)."""
     from jrm_dist.preflight import checkpoint_bytes

@@ -45,6 +45,7 @@ def test_learning_rate_that_blows_up_stops_the_run(tiny_backbone, synthetic_shar
     r = spawn(ov)  # finite config values; the first update makes every later loss non-finite
     assert r.codes == [ABORT_EXIT_CODE, ABORT_EXIT_CODE], r.log
     assert "3 steps in a row had a non-finite loss" in r.logs[0], r.log
+    assert "resume from the last sane checkpoint: none (nothing was saved)" in r.logs[0]
     rec = steps(out)
     assert max(rec) == 4 and rec[1]["loss/total"] is not None and rec[4]["skipped_steps"] == 3
     assert not (out / "export").exists()
