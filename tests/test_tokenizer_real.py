@@ -95,6 +95,15 @@ def qwen_tok():
 
 
 @pytest.fixture(scope="module")
+def reward_proc():
+    """The project's processor over a fresh real tokenizer (it adds <|reward|> to the tokenizer it gets)."""
+    from jrm_dist.processing import RewardProcessor
+    from jrm_dist.tokenizer import build_qwen25_image_processor, build_qwen25_tokenizer
+
+    return RewardProcessor(build_qwen25_tokenizer(), build_qwen25_image_processor())
+
+
+@pytest.fixture(scope="module")
 def reference():
     """tiktoken over the package's ranks + the 22 added tokens; encodes NFC text like Qwen's tokenizer."""
     import tiktoken
@@ -145,11 +154,11 @@ def test_added_tokens_at_the_released_ids(qwen_tok):
     assert qwen_tok.eos_token_id == CONFIGS["7b"]["eos_token_id"]
 
 
-def test_reward_token_is_the_next_id_inside_the_released_rows(qwen_tok):
-    from jrm_dist.processing import REWARD_TOKEN, RewardProcessor
-    from jrm_dist.tokenizer import RELEASED_VOCAB_ROWS, build_qwen25_image_processor, build_qwen25_tokenizer
+def test_reward_token_is_the_next_id_inside_the_released_rows(reward_proc):
+    from jrm_dist.processing import REWARD_TOKEN
+    from jrm_dist.tokenizer import RELEASED_VOCAB_ROWS
 
-    proc = RewardProcessor(build_qwen25_tokenizer(), build_qwen25_image_processor())
+    proc = reward_proc
     assert proc.reward_token_id == SPECIAL_START_ID + 22 == 151665
     for name, cfg in CONFIGS.items():
         assert proc.reward_token_id < cfg["vocab_size"] == RELEASED_VOCAB_ROWS, name
@@ -157,11 +166,8 @@ def test_reward_token_is_the_next_id_inside_the_released_rows(qwen_tok):
     assert ids.count(151665) == 1 and len(ids) == 3
 
 
-def test_chat_template_with_an_image_and_text(qwen_tok, reference):
+def test_chat_template_with_an_image_and_text(qwen_tok, reward_proc, reference):
     from PIL import Image
-
-    from jrm_dist.processing import RewardProcessor
-    from jrm_dist.tokenizer import build_qwen25_image_processor, build_qwen25_tokenizer
 
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is the square red?"}]}]
     text = qwen_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -171,7 +177,7 @@ def test_chat_template_with_an_image_and_text(qwen_tok, reference):
     assert qwen_tok.apply_chat_template(with_system, tokenize=False).startswith(
         "<|im_start|>system\nJudge.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
     # the project's processor: image placeholders expanded, <|reward|> at the end of the user turn
-    proc = RewardProcessor(build_qwen25_tokenizer(), build_qwen25_image_processor())
+    proc = reward_proc
     im = Image.new("RGB", (112, 56), (200, 30, 30))
     enc = proc.encode("make it red", [im], [im], rationale="The square is red, as asked.")
     n_img = int(enc.image_grid_thw.prod(-1).sum()) // 4
