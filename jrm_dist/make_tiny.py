@@ -24,7 +24,12 @@ def main(argv=None) -> None:
     ap.add_argument("--yes-no", action="store_true",
                     help="--pretrain: add 'Is the square <colour>?' questions (read a colour word, check the image)")
     ap.add_argument("--threads", type=int, default=1, help="--pretrain: torch threads (1 is fastest on a busy 2-core box)")
+    ap.add_argument("--tokenizer", choices=("tiny", "real"), default="tiny",
+                    help="real: the real Qwen2.5-VL tokenizer and the released 152064 vocabulary rows "
+                         "(jrm-make-tokenizer); not with --pretrain")
     a = ap.parse_args(argv)
+    if a.pretrain and a.tokenizer != "tiny":
+        ap.error("--tokenizer real is not supported with --pretrain (it trains its own tokenizer on the captions)")
     if a.pretrain:
         from jrm_dist.pretrain import pretrain_tiny_backbone  # data_prep and PIL: only when pre-training
 
@@ -32,7 +37,7 @@ def main(argv=None) -> None:
                                      hidden=a.hidden or 128, layers=a.layers or 4, threads=a.threads,
                                      yes_no=a.yes_no))
         return
-    print(build_tiny_backbone(a.out, seed=a.seed, hidden=a.hidden or 64, layers=a.layers or 2))
+    print(build_tiny_backbone(a.out, seed=a.seed, hidden=a.hidden or 64, layers=a.layers or 2, tokenizer=a.tokenizer))
 
 
 if __name__ == "__main__":
