@@ -146,6 +146,51 @@ def _barrier():
         torch.distributed.barrier()
 
 
+def source_fingerprint(path: str | os.PathLike) -> str:
+    """Identity of a safetensors checkpoint folder: its index (or single file's header) and file sizes. A run
+    whose frozen parameters are re-read from ``model.name`` on resume and export refuses a folder whose
+    fingerprint changed."""
+    import hashlib
+
+    d = Path(path)
+    h = hashlib.sha256()
+    idx = d / "model.safetensors.index.json"
+    files = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else ["model.safetensors"]
+    if idx.exists():
+        h.update(idx.read_bytes())
+    for f in files:
+        fp = d / f
+        with open(fp, "rb") as fh:  # the safetensors header: names, dtypes, shapes, offsets
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 1 << 26)))
+        h.update(f"{f}:{fp.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def frozen_source(model, model_name: str) -> dict[str, str] | None:
+    """Where the frozen parameters can be re-read instead of being saved in every checkpoint (LoRA: the whole
+    base, ~2 bytes x parameters per checkpoint): ``model.name`` when it is a local safetensors folder and some
+    parameter is frozen; None otherwise (then DeepSpeed saves them as usual)."""
+    d = Path(model_name)
+    if all(p.requires_grad for p in model.parameters()):
+        return None
+    if not ((d / "model.safetensors.index.json").exists() or (d / "model.safetensors").exists()):
+        return None
+    return {"path": str(d.resolve()), "fingerprint": source_fingerprint(d)}
+
+
+def check_frozen_source(saved: dict | None, model_name: str, checkpoint: Path) -> None:
+    """A checkpoint saved without its frozen parameters resumes only on the same base weights."""
+    if not saved:
+        return
+    d = Path(model_name)
+    if not d.is_dir() or source_fingerprint(d) != saved["fingerprint"]:
+        raise ValueError(f"{checkpoint} holds only the trained parameters; its frozen ones are those of "
+                         f"{saved['path']} (fingerprint {saved['fingerprint'][:12]}), but model.name={model_name} "
+                         f"{'is not a folder' if not d.is_dir() else 'holds different weights'}: point model.name at "
+                         f"the original base checkpoint")
+
+
 def save(engine, output_dir, step: int, *, rank: int, loader_state: dict, trainer_state: dict,
          config_yaml: str, hf_files=None, keep_last: int = 2, fault_hook=None) -> Path:
     """Collective: every rank writes its part into ``step_N.tmp``; rank 0 marks it complete, renames it
@@ -163,7 +208,9 @@ def save(engine, output_dir, step: int, *, rank: int, loader_state: dict, traine
     _barrier()
     # save_latest: DeepSpeed's own ``latest`` (= "ds") inside the step folder, so the zero_to_fp32.py it copies
     # there works as documented (``python zero_to_fp32.py . OUT``) without ``-t ds``
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=True)
+    # Frozen parameters re-read from trainer_state["frozen_from"] (model.name) are not written again.
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=True,
+                           exclude_frozen_parameters=bool(trainer_state.get("frozen_from")))
     _write_json(tmp / f"rank_{rank:05d}.json", {"rank": rank, "loader": loader_state, "rng": rng_state()})
     if fault_hook is not None:
         fault_hook("save", step)  # tests: crash in the middle of a save

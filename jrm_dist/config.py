@@ -129,6 +129,10 @@ class ZeroConfig:
     offload_optimizer: str = setting("none", choices=("none", "cpu", "nvme"))
     offload_param: str = setting("none", choices=("none", "cpu", "nvme"))  # stage 3 only
     nvme_path: str = setting("/local_nvme", text=True, nonempty=True)
+    # ZeRO-Infinity parameter swap buffers (offload_param=nvme): each holds one parameter *partition*, so
+    # nvme_buffer_size (elements) must be >= the largest one (7B: 152064 x 3584 / world size)
+    nvme_buffer_count: int = setting(5, ge=1)
+    nvme_buffer_size: int = setting(100_000_000, ge=1)
     overlap_comm: bool = setting(True)
     contiguous_gradients: bool = setting(True)
     reduce_bucket_size: int = setting(50_000_000, ge=1)
@@ -158,6 +162,9 @@ class TrainConfig:
     divergence_factor: float = setting(100.0, gt=1.0)
     # append per-step losses + every rank's group keys to <output_dir>/steps.jsonl (audit, resume checks)
     step_log: bool = setting(True)
+    # consolidate the final checkpoint into <output_dir>/export when the run ends (false: run jrm-export later,
+    # e.g. on another machine; a 72B export is a job of its own)
+    export: bool = setting(True)
 
 
 @dataclass

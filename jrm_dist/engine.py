@@ -91,6 +91,8 @@ def deepspeed_config(cfg: JRMConfig, world_size: int, load_universal: bool = Fal
             "stage3_gather_16bit_weights_on_model_save": z.stage3_gather_16bit_weights_on_model_save,
         })
         off = _offload(z.offload_param, z.nvme_path)
+        if off and z.offload_param == "nvme":
+            off.update(buffer_count=z.nvme_buffer_count, buffer_size=z.nvme_buffer_size)
         if off:
             zero["offload_param"] = off
     mbs = cfg.data.groups_per_batch

@@ -84,6 +84,42 @@ def _merge_lora(sd: dict, scale: float) -> dict:
     return merged
 
 
+class _SourceTensor:
+    """A frozen parameter, read from the run's base checkpoint (``trainer_state["frozen_from"]``) when its shard
+    is written: checkpoints of runs with frozen parts (LoRA) do not hold them."""
+
+    def __init__(self, file: Path, key: str):
+        self.file, self.key = file, key
+
+    def contiguous(self):
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), framework="pt") as f:
+            return f.get_tensor(self.key).float()
+
+
+def _with_frozen_from_source(backbone: dict, frozen_from: dict, src: Path) -> dict:
+    """Complete the trained tensors with the frozen ones of the base checkpoint, under the names the model had
+    in training (a LoRA-wrapped Linear's base weight is ``<prefix>.base_layer.weight``)."""
+    from jrm_dist import checkpoint as ck
+    from jrm_dist.partitioned_load import checkpoint_keys, native_name
+
+    base = Path(frozen_from["path"])
+    if not base.is_dir() or ck.source_fingerprint(base) != frozen_from["fingerprint"]:
+        raise ValueError(f"{src}: its frozen parameters are those of {base} (fingerprint "
+                         f"{frozen_from['fingerprint'][:12]}), which is missing or changed; the export needs that folder")
+    lora_prefixes = {m.group(1) for k in backbone if (m := re.match(r"^(.*)\.lora_[AB]\.[^.]+\.weight$", k))}
+    out = dict(backbone)
+    for key, file in checkpoint_keys(base).items():
+        name = native_name(key)
+        prefix, _, what = name.rpartition(".")
+        if prefix in lora_prefixes:
+            name = f"{prefix}.base_layer.{what}"
+        if name not in out:  # a trained copy (full fine-tuning of that tensor) wins
+            out[name] = _SourceTensor(file, key)
+    return out
+
+
 class _LoraMerged:
     """Lazy merged LoRA weight (materialised only when its shard is written)."""
 
@@ -141,6 +177,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         raise ValueError(f"{src}: unexpected parameters outside backbone/reward_head: {other[:5]}")
     if not head:
         raise ValueError(f"{src}: no reward_head parameters in the DeepSpeed state")
+    if state.get("frozen_from"):
+        backbone = _with_frozen_from_source(backbone, state["frozen_from"], src)
     if state.get("lora"):
         backbone = _merge_lora(backbone, float(state["lora_alpha"]) / float(state["lora_r"]))
     jcfg_in = json.loads((hf / JRM_CONFIG).read_text())

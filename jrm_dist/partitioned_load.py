@@ -55,6 +55,16 @@ def checkpoint_name(native: str, keys: dict) -> str | None:
     return None
 
 
+def native_name(key: str) -> str:
+    """The transformers 5 parameter name of a checkpoint key in either layout."""
+    if any(key.startswith(a) for a, _ in _NATIVE_TO_RELEASED):
+        return key
+    for a, b in _NATIVE_TO_RELEASED:
+        if key.startswith(b):
+            return a + key[len(b):]
+    return key
+
+
 def build_partitioned(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: str):
     """The backbone of ``path`` constructed under ``zero.Init`` (the caller keeps an ``HfDeepSpeedConfig``
     alive), its weights not yet loaded."""

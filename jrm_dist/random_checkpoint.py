@@ -209,7 +209,7 @@ def write_checkpoint(config: str | os.PathLike, out_dir: str | os.PathLike, dtyp
     if tokenizer:
         from jrm_dist.tokenizer import write_tokenizer
 
-        write_tokenizer(tmp)
+        write_tokenizer(tmp, image_processor=True)
     summary["seconds"] = round(time.time() - t0, 1)
     (tmp / "DONE").write_text(json.dumps(summary))
     if out.exists():

@@ -216,6 +216,7 @@ class Trainer:
         self.engine = self.eng.engine
         self.model = self.engine.module
         self.pstats = partition_stats(self.model)
+        self.frozen_from = ck.frozen_source(self.model, cfg.model.name)
         log.info("model: %.3fM parameters, %.3fM on this rank (ZeRO stage %d, %d ranks)",
                  self.pstats["params_total"] / 1e6, self.pstats["params_local"] / 1e6, cfg.zero.stage, self.world)
         from jrm_dist.objective import rank_only
@@ -234,7 +235,9 @@ class Trainer:
         if self.resume_from is not None:
             st = self.saved_state
             tag = ck.DS_TAG + "_universal" if universal is not None else ck.DS_TAG
+            ck.check_frozen_source(st.get("frozen_from"), cfg.model.name, self.resume_from)
             load_path, _ = self.engine.load_checkpoint(str(self.resume_from), tag=tag, load_optimizer_states=True,
+                                                       load_module_strict=not st.get("frozen_from"),
                                                        load_lr_scheduler_states=True)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {self.resume_from / tag}")
@@ -495,7 +498,8 @@ class Trainer:
         run_id = self.tracker.wait_run_id(60.0) if self.rank == 0 else None
         state = {"step": self.step, "world_size": self.world, "mlflow_run_id": run_id, "counters": self.counters,
                  "zero_stage": self.cfg.zero.stage, "lora": self.cfg.model.lora.r > 0,
-                 "lora_alpha": self.cfg.model.lora.alpha, "lora_r": self.cfg.model.lora.r, "time": time.time()}
+                 "lora_alpha": self.cfg.model.lora.alpha, "lora_r": self.cfg.model.lora.r, "time": time.time(),
+                 "frozen_from": self.frozen_from}
         path = ck.save(self.engine, self.out, self.step, rank=self.rank, loader_state=self.loader.state_dict(),
                        trainer_state=state, config_yaml=getattr(self, "config_yaml", ""), hf_files=self._hf_files,
                        keep_last=self.cfg.train.keep_last, fault_hook=self.faults.save_hook)
@@ -688,7 +692,7 @@ class Trainer:
                     (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
                     self.tracker.log_artifact(self.out / "final_metrics.json")
                 self.tracker.close(timeout=60.0, status=status if status != "SCHEDULED" else "")
-        if exit_code == 0:
+        if exit_code == 0 and self.cfg.train.export:
             self.export()
         return exit_code
 
