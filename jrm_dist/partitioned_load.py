@@ -65,20 +65,28 @@ def native_name(key: str) -> str:
     return key
 
 
+def model_class(cfg):
+    """The image-text-to-text class of a config, looked up in transformers' auto mapping (``from_config`` of the
+    auto class also probes for hub code and optional libraries, which a checkout's ``kernels/`` folder confuses)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(cfg)]
+
+
 def build_partitioned(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: str):
     """The backbone of ``path`` constructed under ``zero.Init`` (the caller keeps an ``HfDeepSpeedConfig``
     alive), its weights not yet loaded."""
     from unittest import mock
 
     import transformers.integrations.deepspeed as hf_ds
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(path))
     # transformers initialises every partitioned module after construction (gathering each, the 152k-row
     # matrices included, on every rank). Every parameter is overwritten by load_into_partitions, which checks
     # that none is missed, so that pass is skipped: minutes and a 1 GB gather saved at 7B.
     with mock.patch.object(hf_ds, "initialize_weights_zero3", lambda model: None):
-        return AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+        return model_class(cfg)._from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def _partition_slot(p):

@@ -72,10 +72,11 @@ def load_config(path: str | os.PathLike):
 
 def meta_model(cfg):
     """The transformers model on the meta device: names and shapes, no memory."""
-    from transformers import AutoModelForImageTextToText
+    from jrm_dist.partitioned_load import model_class
 
+    cls = model_class(cfg)  # imported outside the meta context (imports may build tensors)
     with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(cfg)
+        return cls._from_config(cfg)
 
 
 def _init_rule(name: str, ndim: int) -> str:

@@ -22,7 +22,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def _orthonormal_hermite(x: torch.Tensor, n: int) -> torch.Tensor:
     """[n + 1, len(x)]: p_0..p_n at x, orthonormal for the weight e^{-x^2} (three-term recurrence, no overflow)."""
-    p = torch.empty((n + 1, x.numel()), dtype=torch.float64)
+    p = torch.empty((n + 1, x.numel()), dtype=torch.float64, device="cpu")
     p[0] = math.pi ** -0.25
     if n >= 1:
         p[1] = math.sqrt(2.0) * x * p[0]
@@ -35,7 +35,8 @@ def gauss_hermite(n: int = GH_ORDER) -> tuple[tuple[float, ...], tuple[float, ..
     """(nodes, weights) of the n-point Gauss–Hermite rule, nodes ascending, weights summing to 1."""
     if n < 1:
         raise ValueError(f"Gauss–Hermite order must be >= 1, got {n}")
-    off = torch.sqrt(torch.arange(1, n, dtype=torch.float64) / 2.0)
+    # device="cpu": this runs at import, possibly inside a caller's ``with torch.device("meta")``
+    off = torch.sqrt(torch.arange(1, n, dtype=torch.float64, device="cpu") / 2.0)
     jacobi = torch.diag(off, 1) + torch.diag(off, -1)
     x = torch.linalg.eigvalsh(jacobi)
     p = _orthonormal_hermite(x, n)
