@@ -34,6 +34,11 @@ class ModelConfig:
     name: str = "runs/tiny-backbone"  # HF path or name of the VLM backbone (loaded by auto classes)
     reward_token: str = "<|reward|>"
     head_hidden: int = 1024  # reward-head MLP width
+    # none | standardize: the head's input is (h - mean) / std per dimension, with the statistics of the
+    # reward-token states at the first training step (fixed buffers, saved with the head). The reward-token
+    # states of a pretrained backbone share one large vector (same template, same token): the differences
+    # between candidates are a few % of their norm, and a head on the raw states barely learns (docs/jrm_effect.md).
+    head_input_norm: str = "none"
     precision: str = "fp32"  # fp32 | bf16 (DeepSpeed bf16 mixed precision when bf16)
     attn_implementation: str = "auto"  # auto (flash-attn 2 if installed on GPU, else sdpa) | sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False
@@ -81,6 +86,12 @@ class OptimConfig:
     name: str = "adamw"  # adamw | cpu_adam | adamw8bit | paged_adamw8bit
     lr: float = 2e-6
     head_lr: float = 1e-4  # reward head and reward-token embedding
+    # The <|reward|> input embedding alone (None = head_lr, 0 = frozen). At a head's LR an embedding row moves
+    # by its own size within a few dozen steps, and with it the shared part of every reward-token state.
+    reward_token_lr: float | None = None
+    # The first N steps train the head only (backbone LR 0), then everything: a random head's gradients would
+    # distort the pretrained reward-token features first (linear probing, then fine-tuning).
+    head_only_steps: int = 0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -161,6 +172,7 @@ _CHOICES = {
     "model.precision": ("fp32", "bf16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "model.lm_ce": ("auto", "reference"),
+    "model.head_input_norm": ("none", "standardize"),
     "data.packing": ("none", "group"),
     "loss.rank_mode": ("thurstone", "bt_expected", "bt"),
     "loss.ties": ("model", "ignore"),
@@ -177,7 +189,7 @@ _RANGES = {  # inclusive
     "optim.decay_ratio": (0.0, 1.0), "train.max_steps": (1, None), "train.grad_accum": (1, None),
     "train.keep_last": (1, None), "data.groups_per_batch": (1, None), "data.max_length": (16, None),
     "loss.label_smoothing": (0.0, 1.0), "model.head_hidden": (1, None),
-    "train.max_consecutive_skips": (1, None), "data.max_corrupt_fraction": (0.0, 1.0),
+    "train.max_consecutive_skips": (1, None), "optim.head_only_steps": (0, None), "data.max_corrupt_fraction": (0.0, 1.0),
 }
 
 
@@ -297,6 +309,8 @@ def validate(cfg: JRMConfig) -> JRMConfig:
             raise ConfigError(f"{key}={v!r}: out of range [{lo}, {'inf' if hi is None else hi}]")
     if cfg.zero.offload_param != "none" and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_param needs zero.stage=3")
+    if cfg.optim.reward_token_lr is not None and cfg.optim.reward_token_lr < 0:
+        raise ConfigError(f"optim.reward_token_lr={cfg.optim.reward_token_lr!r}: must be >= 0 (or null = optim.head_lr)")
     if cfg.loss.ties == "model" and cfg.loss.tie_margin <= 0:
         raise ConfigError("loss.tie_margin must be > 0 when loss.ties=model")
     if cfg.data.packing == "group" and cfg.model.attn_implementation in ("eager", "flash_attention_2"):

@@ -270,6 +270,16 @@ class Trainer:
             except StopIteration:
                 self.it = None
 
+    def _calibrate_head(self, micro: list[dict]) -> None:
+        """model.head_input_norm=standardize: the head's input statistics from the first step's reward-token
+        states, summed over every rank and micro-batch so all ranks hold the same buffers."""
+        from jrm_dist.model import calibrate_head_input
+
+        self.engine.eval()
+        n = calibrate_head_input(self.model, [_to_device(b, self.dev) for b in micro],
+                                 all_reduce=lambda t: self.dist.all_reduce(t))
+        log.info("reward head input standardised with the statistics of %d reward-token states", n)
+
     # ---- one optimizer step
     def train_step(self) -> dict[str, float] | None:
         from jrm_dist.objective import drop_lm, joint_objective, local_items
@@ -282,6 +292,8 @@ class Trainer:
             if b is None:
                 return None
             micro.append(drop_lm(b, cfg.loss, self.step))  # alpha = 0 at this step: no LM work
+        if self.step == 0 and self.resume_from is None and cfg.model.head_input_norm == "standardize":
+            self._calibrate_head(micro)
         items = torch.zeros(2, dtype=torch.float64)
         for b in micro:
             p, t = local_items(b, cfg.loss)
