@@ -238,12 +238,13 @@ def _factor_sentence(f: dict) -> str:
     cap = f["n_ref"] / f["n_min"]
 
     def show(v):
-        return "never (> largest size)" if v == 0 else (f"≥ {v:.0f}×" if v >= cap else f"{v:.2f}×")
+        return "0× (not reached)" if v == 0 else (f"≥ {v:.0f}×" if v >= cap else f"{v:.2f}×")
     lbl = next(lbl for k, _, lbl, _ in SWEEP_METRICS if k == f["key"])
-    return (f"JRM (alpha {f['alpha']:g}) reaches rank-only's {lbl} at {f['n_ref']} groups "
-            f"({100 * f['target']:.1f}%) with {show(f['factor'])} fewer groups "
-            f"(95% bootstrap interval over seeds: {show(f['lo'])} to {show(f['hi'])}); "
-            f"1× = no gap, < 1× = JRM needs more groups.")
+    head = (f"JRM (alpha {f['alpha']:g}) vs rank-only's {lbl} at {f['n_ref']} groups ({100 * f['target']:.1f}%): ")
+    head += ("JRM's mean curve does not reach it at any size tried" if f["factor"] == 0 else
+             f"JRM needs {show(f['factor'])} fewer groups to reach it")
+    return (head + f" (factor {show(f['factor'])}, 95% bootstrap interval over seeds {show(f['lo'])} to "
+            f"{show(f['hi'])}; 1× = no gap, < 1× or 0× = JRM needs more groups).")
 
 
 def render_curve(rows: list["RunRow"]) -> str:

@@ -13,6 +13,11 @@ JRM effect at toy scale (sweep settings: ``REPRO_DEFAULTS`` below; run settings:
 
 A finished run (its ``repro_eval.json`` exists) is not trained again: re-running resumes the sweep.
 ``--only-alphas`` / ``--only-seeds`` / overrides (``train.max_steps=...``) serve pilots.
+
+Data-efficiency curve (``make repro-curve``, configs/repro_curve.yaml): ``repro.group_sizes`` trains every
+(alpha, seed) on nested training sets of those sizes (run names ``alpha<A>-seed<S>-n<N>``, the size logged as
+the run param ``repro.train_groups``), ``repro.parallel`` runs that many single-threaded ``jrm-train``
+processes at a time, and ``jrm-report --sweep`` then tabulates per size and alpha (report.render_curve).
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ trainer's own functions (``engine.build_model`` without DeepSpeed, ``param_group
 
     python -m jrm_dist.repro_diag --backbone runs/tiny-pretrained --train DIR --eval DIR --steps 200 \
         [--eval-every 50] [--out result.json] [optim.lr=... loss.rank_mode=... data.prompt=...]
+    python -m jrm_dist.repro_diag --frozen-head --backbone ... --train DIR --eval DIR --steps 600 \
+        [--pairs-per-step 16] [--head-lr 1e-2]      # the head alone on the untrained states: raw vs standardised
 
 Feature read-outs (held-out, prompt only): effective rank of the reward-token states raw (the sweep's
 metric) and centred (the mean state removed: a large shared component alone makes the raw value ~1),
@@ -141,6 +143,70 @@ def run(cfg_dict: dict, train: Path, ev: Path, steps: int, eval_every: int, seed
     return {"curve": curve, "final": curve[-1], "seconds": round(time.time() - t0, 1)}
 
 
+def frozen_head_runs(cfg_dict: dict, train: Path, ev: Path, steps: int, pairs_per_step: int, lr: float,
+                     seed: int, log=print) -> dict:
+    """The head alone on the untrained backbone's reward-token states (computed once): a fresh RewardHead on
+    the raw states vs one that standardises them (statistics of the first step's candidates, as
+    model.head_input_norm=standardize), AdamW at ``lr``, ``pairs_per_step`` pairs a step. Separates what
+    the features hold from what the optimisation finds (held-out accuracy per kind every 200 steps)."""
+    from jrm_dist.config import config_from_dict
+    from jrm_dist.data.collate import Collator
+    from jrm_dist.engine import build_model
+    from jrm_dist.model import RewardHead
+    from jrm_dist.processing import DEFAULT_PROMPT, RewardProcessor
+
+    cfg = config_from_dict(cfg_dict)
+    proc = RewardProcessor.from_pretrained(cfg.model.name, prompt=cfg.data.prompt or DEFAULT_PROMPT,
+                                           max_pixels=cfg.data.max_pixels, min_pixels=cfg.data.min_pixels,
+                                           max_length=cfg.data.max_length)
+    model = build_model(cfg, proc.reward_token_id, None).eval()
+    collate = Collator(proc)
+
+    @torch.no_grad()
+    def pairs(path):
+        groups = encode_groups(proc, path, use_rationale=False)
+        win, lose, kinds = [], [], []
+        for i in range(0, len(groups), 16):
+            chunk = groups[i:i + 16]
+            b = collate([g for g, _ in chunk])
+            f = model.features(b)
+            for w, l in zip(b["win_idx"].tolist(), b["lose_idx"].tolist()):
+                win.append(f[w])
+                lose.append(f[l])
+                kinds.append(chunk[int(b["group_index"][w])][1])
+        return torch.stack(win), torch.stack(lose), kinds
+    tr, te = pairs(train), pairs(ev)
+    rng = random.Random(seed)
+    order = rng.sample(range(len(tr[0])), len(tr[0]))
+    first = torch.cat([tr[0][order[:pairs_per_step]], tr[1][order[:pairs_per_step]]])
+    out = {}
+    for norm in ("none", "standardize"):
+        torch.manual_seed(seed)
+        head = RewardHead(tr[0].shape[1], cfg.model.head_hidden, norm)
+        head.reset_parameters()
+        if norm == "standardize":
+            head.set_input_stats(first.mean(0), first.var(0))
+        opt = torch.optim.AdamW([p for n, p in head.named_parameters() if not n.startswith("token.")], lr=lr,
+                                weight_decay=0.0)
+        r = random.Random(seed)
+        curve = []
+        for step in range(steps):
+            idx = r.sample(range(len(tr[0])), pairs_per_step)
+            loss = torch.nn.functional.softplus(-(head(tr[0][idx])[0] - head(tr[1][idx])[0])).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if (step + 1) % 200 == 0 or step + 1 == steps:
+                with torch.no_grad():
+                    hit = (head(te[0])[0] > head(te[1])[0]).float()
+                row = {"step": step + 1, **{f"accuracy/{k}": float(hit[torch.tensor([x == k for x in te[2]])].mean())
+                                            for k in sorted(set(te[2]))}}
+                curve.append(row)
+                log(json.dumps({"head_input_norm": norm, **row}))
+        out[norm] = curve
+    return out
+
+
 def main(argv=None) -> int:
     from jrm_dist.config import _merge, parse_overrides
 
@@ -154,6 +220,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stats-momentum", type=float, default=0.0,
                     help="head_input_norm=standardize: EMA update of the statistics after every step (0 = fixed)")
+    ap.add_argument("--frozen-head", action="store_true",
+                    help="only the head on the untrained backbone's states: raw vs standardised (frozen_head_runs)")
+    ap.add_argument("--pairs-per-step", type=int, default=8, help="--frozen-head: pairs per step")
+    ap.add_argument("--head-lr", type=float, default=1e-2, help="--frozen-head: AdamW learning rate")
     ap.add_argument("--out", default=None, help="write the curve as JSON here")
     ap.add_argument("overrides", nargs="*", help="jrm-train dotted keys (optim.lr=1e-4, loss.rank_mode=bt, ...)")
     a = ap.parse_args(argv)
@@ -161,7 +231,10 @@ def main(argv=None) -> int:
     data = _merge(yaml.safe_load(Path(a.config).read_text()) or {}, parse_overrides(a.overrides))
     data.setdefault("model", {})["name"] = a.backbone
     data.pop("repro", None)
-    res = run(data, Path(a.train), Path(a.eval), a.steps, a.eval_every, a.seed, stats_momentum=a.stats_momentum)
+    if a.frozen_head:
+        res = frozen_head_runs(data, Path(a.train), Path(a.eval), a.steps, a.pairs_per_step, a.head_lr, a.seed)
+    else:
+        res = run(data, Path(a.train), Path(a.eval), a.steps, a.eval_every, a.seed, stats_momentum=a.stats_momentum)
     res["overrides"] = a.overrides
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

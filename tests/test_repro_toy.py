@@ -186,9 +186,29 @@ def test_curve_report_states_the_fewer_groups_factor_with_an_interval(tmp_path):
     f = fewer_groups_factor(rows, 0.3)
     assert abs(f["factor"] - 2.0) < 1e-9 and f["lo"] <= 2.0 <= f["hi"] and f["n_ref"] == 1024
     md = render_curve(rows)
-    assert "| 1024 | 0 (rank-only) | 3 |" in md and "with 2.00× fewer groups" in md
+    assert "| 1024 | 0 (rank-only) | 3 |" in md and "JRM needs 2.00× fewer groups to reach it" in md
     # equal curves: no gap (1x); a JRM curve below rank-only everywhere: never reaches it
     assert abs(fewer_groups_factor(_curve_rows(lambda a, n: 0.5 + n / 4096), 0.3)["factor"] - 1.0) < 1e-9
     assert fewer_groups_factor(_curve_rows(lambda a, n: 0.5 + n / 4096 - (0.2 if a else 0)), 0.3)["factor"] == 0
     png = curve_plot(rows, str(tmp_path))
     assert png.endswith("data_efficiency_curve.png") and (tmp_path / "data_efficiency_curve.png").stat().st_size > 1000
+
+
+def test_repro_diag_runs_the_trainer_pieces_and_the_frozen_head_comparison(tiny_backbone, synthetic_shards):
+    """jrm_dist.repro_diag: a short in-process run (step-0 and final read-outs) and the frozen-head comparison."""
+    from pathlib import Path
+
+    import yaml
+
+    from jrm_dist.repro_diag import ROOT, frozen_head_runs, run
+
+    cfg = yaml.safe_load((ROOT / "configs" / "repro_curve.yaml").read_text())
+    cfg.pop("repro")
+    cfg["model"]["name"] = tiny_backbone
+    train, ev = Path(synthetic_shards["train"]), Path(synthetic_shards["eval"])
+    res = run(cfg, train, ev, steps=2, eval_every=2, seed=0, log=lambda s: None)
+    assert [r["step"] for r in res["curve"]] == [0, 2]
+    for row in res["curve"]:
+        assert 0 <= row["accuracy"] <= 1 and row["effective_rank_centred"] >= 1 and row["pair_spread"] >= 0
+    out = frozen_head_runs(cfg, train, ev, steps=2, pairs_per_step=4, lr=1e-2, seed=0, log=lambda s: None)
+    assert set(out) == {"none", "standardize"} and out["none"][-1]["step"] == 2
