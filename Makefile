@@ -34,8 +34,10 @@ repro-toy: $(STAMP)
 # Data-efficiency curve (issue 19): alpha 0 vs 0.3, 64..1024 training groups, 3 seeds, 2 runs at a time, each
 # single-threaded; report + data_efficiency_curve.png in runs/repro-curve/report. Another replication:
 #   make repro-curve REPRO_ARGS="repro.data_seed=10 repro.eval_seed=11 repro.out=runs/repro-curve-rep"
+REPRO_CURVE ?= repro.out=runs/repro-curve repro.experiment=repro-curve "repro.alphas=[0.0,0.3]" "repro.seeds=[0,1,2]" \
+	"repro.group_sizes=[64,128,256,512,1024]" repro.train_quality_share=0.5 repro.parallel=2
 repro-curve: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m jrm_dist.repro --config configs/repro_curve.yaml $(REPRO_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m jrm_dist.repro --config configs/repro_curve.yaml $(REPRO_CURVE) $(REPRO_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -203,7 +203,6 @@ def test_repro_diag_runs_the_trainer_pieces_and_the_frozen_head_comparison(tiny_
     from jrm_dist.repro_diag import ROOT, frozen_head_runs, run
 
     cfg = yaml.safe_load((ROOT / "configs" / "repro_curve.yaml").read_text())
-    cfg.pop("repro")
     cfg["model"]["name"] = tiny_backbone
     train, ev = Path(synthetic_shards["train"]), Path(synthetic_shards["eval"])
     res = run(cfg, train, ev, steps=2, eval_every=2, seed=0, log=lambda s: None)
