@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test test-quick demo bench clean-demo repro-toy
+.PHONY: venv test test-quick demo bench clean-demo repro-toy repro-curve
 
 # (Re)install when the venv is missing or setup.py changed. torch==2.13.0 first: it is the CPU wheel on
 # these machines and satisfies setup.py's range, so pip does not fetch a multi-GB CUDA build.
@@ -35,6 +35,14 @@ bench: $(STAMP)
 # held-out accuracy per group kind, effective rank, calibration; report in runs/repro-toy/report.
 repro-toy: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m jrm_dist.repro --config configs/repro_toy.yaml $(REPRO_ARGS)
+
+# Data-efficiency curve (issue 19): alpha 0 vs 0.3, 64..1024 training groups, 3 seeds, 2 runs at a time, each
+# single-threaded; report + data_efficiency_curve.png in runs/repro-curve/report. Another replication:
+#   make repro-curve REPRO_ARGS="repro.data_seed=10 repro.eval_seed=11 repro.out=runs/repro-curve-rep"
+REPRO_CURVE ?= repro.out=runs/repro-curve repro.experiment=repro-curve "repro.alphas=[0.0,0.3]" "repro.seeds=[0,1,2]" \
+	"repro.group_sizes=[64,128,256,512,1024]" repro.train_quality_share=0.5 repro.parallel=2
+repro-curve: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m jrm_dist.repro --config configs/repro_curve.yaml $(REPRO_CURVE) $(REPRO_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

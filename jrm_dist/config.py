@@ -67,6 +67,11 @@ class ModelConfig:
     freeze_lm: bool = setting(False)
     # auto (fused kernels) | reference (torch masked_lm_loss)
     lm_ce: str = setting("auto", choices=("auto", "reference"))
+    # none | standardize: the head's input is (h - mean) / std per dimension, with the statistics of the
+    # reward-token states at the first training step (fixed buffers, saved with the head). The reward-token
+    # states of a pretrained backbone share one large vector (same template, same token): the differences
+    # between candidates are a few % of their norm, and a head on the raw states barely learns (docs/jrm_effect.md).
+    head_input_norm: str = setting("none", choices=("none", "standardize"))
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -113,6 +118,12 @@ class OptimConfig:
     # representable LR is left to the divergence guard (train.divergence_factor) and the skip limit.
     lr: float = setting(2e-6, ge=0.0, le=1e30)
     head_lr: float = setting(1e-4, ge=0.0, le=1e30)  # reward head and reward-token embedding
+    # The <|reward|> input embedding alone (None = head_lr, 0 = frozen). At a head's LR an embedding row moves
+    # by its own size within a few dozen steps, and with it the shared part of every reward-token state.
+    reward_token_lr: float | None = setting(None, ge=0.0, le=1e30)
+    # The first N steps train the head only (backbone LR 0), then everything: a random head's gradients would
+    # distort the pretrained reward-token features first (linear probing, then fine-tuning).
+    head_only_steps: int = setting(0, ge=0)
     weight_decay: float = setting(0.0, ge=0.0, le=10.0)
     betas: list[float] = setting(factory=lambda: [0.9, 0.999], ge=0.0, lt=1.0, length=(2, 2))
     eps: float = setting(1e-8, gt=0.0, le=1.0)  # 0 divides 0 by 0 for a parameter whose gradient is 0
@@ -348,6 +359,8 @@ def validate(cfg: JRMConfig) -> JRMConfig:
                           f"image would be resized up past the budget")
     if cfg.zero.offload_param != "none" and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_param needs zero.stage=3")
+    if cfg.optim.reward_token_lr is not None and cfg.optim.reward_token_lr < 0:
+        raise ConfigError(f"optim.reward_token_lr={cfg.optim.reward_token_lr!r}: must be >= 0 (or null = optim.head_lr)")
     if cfg.loss.ties == "model" and cfg.loss.tie_margin <= 0:
         raise ConfigError("loss.tie_margin must be > 0 when loss.ties=model")
     if cfg.data.packing == "group" and cfg.model.attn_implementation in ("eager", "flash_attention_2"):

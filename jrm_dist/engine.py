@@ -210,9 +210,11 @@ def build_model(cfg: JRMConfig, reward_token_id: int, ds_config: dict | None = N
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = JointRewardModel(backbone, reward_token_id, cfg.model.head_hidden, lm_ce=cfg.model.lm_ce)
+            model = JointRewardModel(backbone, reward_token_id, cfg.model.head_hidden, lm_ce=cfg.model.lm_ce,
+                                     head_input_norm=cfg.model.head_input_norm)
     else:
-        model = JointRewardModel(backbone, reward_token_id, cfg.model.head_hidden, lm_ce=cfg.model.lm_ce)
+        model = JointRewardModel(backbone, reward_token_id, cfg.model.head_hidden, lm_ce=cfg.model.lm_ce,
+                                 head_input_norm=cfg.model.head_input_norm)
     if cfg.model.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         backbone.config.use_cache = False
@@ -229,16 +231,21 @@ def build_model(cfg: JRMConfig, reward_token_id: int, ds_config: dict | None = N
 # ----------------------------------------------------------------------------- optimizer, schedule
 
 HEAD_PREFIXES = ("reward_head.",)
+REWARD_TOKEN_PARAM = "reward_head.token.weight"
 
 
 def param_groups(model, cfg: JRMConfig) -> list[dict[str, Any]]:
     """Backbone at ``optim.lr``; reward head and reward-token embedding (both under ``reward_head.``) at
-    ``optim.head_lr``; no weight decay on the head/biases/norms."""
-    groups = {"backbone": [], "backbone_no_decay": [], "head": []}
+    ``optim.head_lr``, the embedding at ``optim.reward_token_lr`` when set; no weight decay on the
+    head/biases/norms."""
+    groups = {"backbone": [], "backbone_no_decay": [], "head": [], "reward_token": []}
+    own_token = cfg.optim.reward_token_lr is not None
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if n.startswith(HEAD_PREFIXES):
+        if own_token and n == REWARD_TOKEN_PARAM:
+            groups["reward_token"].append(p)
+        elif n.startswith(HEAD_PREFIXES):
             groups["head"].append(p)
         elif p.ndim < 2 or n.endswith(".bias") or "norm" in n.lower():
             groups["backbone_no_decay"].append(p)
@@ -249,6 +256,7 @@ def param_groups(model, cfg: JRMConfig) -> list[dict[str, Any]]:
         {"params": groups["backbone"], "lr": o.lr, "weight_decay": o.weight_decay, "name": "backbone"},
         {"params": groups["backbone_no_decay"], "lr": o.lr, "weight_decay": 0.0, "name": "backbone_no_decay"},
         {"params": groups["head"], "lr": o.head_lr, "weight_decay": 0.0, "name": "head"},
+        {"params": groups["reward_token"], "lr": o.reward_token_lr, "weight_decay": 0.0, "name": "reward_token"},
     ]
     return [g for g in out if g["params"]]
 
@@ -299,6 +307,17 @@ def lr_lambda(cfg: JRMConfig):
     return f
 
 
+def group_lr_lambdas(cfg: JRMConfig, groups: list[dict[str, Any]]) -> list:
+    """One multiplier per param group: ``lr_lambda`` for all, except that with ``optim.head_only_steps = N``
+    the backbone groups stay at 0 for the first N steps (fit the head first, then fine-tune: a random head's
+    gradients would distort the pretrained features; LP-FT, Kumar et al. 2022)."""
+    f, n = lr_lambda(cfg), cfg.optim.head_only_steps
+
+    def backbone(s: int) -> float:
+        return 0.0 if s < n else f(s)
+    return [backbone if n and str(g.get("name", "")).startswith("backbone") else f for g in groups]
+
+
 # ----------------------------------------------------------------------------- initialize
 
 @dataclass
@@ -314,10 +333,9 @@ def initialize(cfg: JRMConfig, reward_token_id: int, world_size: int, load_unive
     ds = deepspeed_config(cfg, world_size, load_universal)
     model = build_model(cfg, reward_token_id, ds)
     opt = build_optimizer(param_groups(model, cfg), cfg)
-    sched_fn = lr_lambda(cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, config=ds,
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, sched_fn))
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, group_lr_lambdas(cfg, o.param_groups)))
     return Engine(engine, ds, model)
 
 

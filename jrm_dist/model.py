@@ -78,15 +78,39 @@ class RewardTokenEmbedding(nn.Module):
         return torch.where(is_reward.unsqueeze(-1), self.weight.to(inputs_embeds.dtype), inputs_embeds)
 
 
+HEAD_INPUT_NORMS = ("none", "standardize")
+
+
 class RewardHead(nn.Module):
     """hidden → (mu, log_var); computed in fp32 whatever the backbone precision. Owns the reward-token
-    embedding too, so everything new that JRM adds lives (and is saved, and gets ``optim.head_lr``) here."""
+    embedding too, so everything new that JRM adds lives (and is saved, and gets ``optim.head_lr``) here.
 
-    def __init__(self, hidden_size: int, head_hidden: int):
+    ``input_norm="standardize"``: the input is standardised per dimension with fixed statistics
+    (buffers ``in_shift`` / ``in_scale``, set once by ``calibrate_head_input`` and saved with the head).
+    Why: the reward-token states of a pretrained backbone are one shared vector plus candidate differences
+    of a few % of its norm; on raw states the pair signal is a small part of every fc gradient."""
+
+    def __init__(self, hidden_size: int, head_hidden: int, input_norm: str = "none"):
         super().__init__()
+        if input_norm not in HEAD_INPUT_NORMS:
+            raise ValueError(f"head input_norm {input_norm!r}: expected one of {HEAD_INPUT_NORMS}")
+        self.input_norm = input_norm
         self.fc = nn.Linear(hidden_size, head_hidden)
         self.out = nn.Linear(head_hidden, 2)
         self.token = RewardTokenEmbedding(hidden_size)
+        if input_norm == "standardize":
+            self.register_buffer("in_shift", torch.zeros(hidden_size))
+            self.register_buffer("in_scale", torch.ones(hidden_size))
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Standardise with this mean and variance from now on (a constant dimension keeps scale ~1/sqrt(eps))."""
+        if self.input_norm != "standardize":
+            raise ValueError("set_input_stats needs a head built with input_norm='standardize'")
+        var = var.double().clamp(min=0)
+        eps = 1e-5 * float(var.mean()) + 1e-12
+        self.in_shift.copy_(mean.to(self.in_shift))
+        self.in_scale.copy_((var + eps).rsqrt().to(self.in_scale))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -97,7 +121,10 @@ class RewardHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=h.device.type, enabled=False):
-            x = F.silu(F.linear(h.float(), self.fc.weight.float(), self.fc.bias.float()))
+            h = h.float()
+            if self.input_norm == "standardize":
+                h = (h - self.in_shift.float()) * self.in_scale.float()
+            x = F.silu(F.linear(h, self.fc.weight.float(), self.fc.bias.float()))
             y = F.linear(x, self.out.weight.float(), self.out.bias.float())
         return y[:, 0], y[:, 1]
 
@@ -110,6 +137,23 @@ def gathered(params, modifier_rank: int | None = 0):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def calibrate_head_input(model: "JointRewardModel", batches: list, all_reduce=None) -> int:
+    """Set the head's input standardisation from the reward-token states of ``batches`` (prompt only).
+    ``all_reduce`` (in-place sum over ranks) makes every rank set the same statistics. Returns the count."""
+    feats = torch.cat([model.features(b).double() for b in batches])
+    stats = torch.stack([feats.sum(0), (feats * feats).sum(0), torch.full_like(feats[0], float(len(feats)))])
+    if all_reduce is not None:
+        all_reduce(stats)
+    n = stats[2, 0]
+    if n < 2:
+        raise ValueError(f"model.head_input_norm=standardize needs >= 2 candidates at the first step, got {int(n)}")
+    mean = stats[0] / n
+    var = (stats[1] / n - mean * mean).clamp(min=0) * n / (n - 1)
+    model.reward_head.set_input_stats(mean, var)
+    return int(n)
 
 
 def add_reward_token(backbone: nn.Module, reward_token_id: int) -> None:
@@ -142,13 +186,13 @@ def vocab_with_reward_row(embedding: torch.Tensor, token: torch.Tensor, reward_t
 
 class JointRewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, reward_token_id: int, head_hidden: int = 1024, lm_ce: str = "auto",
-                 ce_opts: dict | None = None, init_head: bool = True):
+                 ce_opts: dict | None = None, init_head: bool = True, head_input_norm: str = "none"):
         super().__init__()
         self.backbone = backbone
         self.reward_token_id = int(reward_token_id)
         self.head_hidden = int(head_hidden)
         hidden = backbone.config.get_text_config().hidden_size
-        self.reward_head = RewardHead(hidden, head_hidden)
+        self.reward_head = RewardHead(hidden, head_hidden, head_input_norm)
         if init_head:
             emb = backbone.get_input_embeddings().weight
             with gathered(list(self.reward_head.parameters()) + [emb]):
@@ -172,9 +216,12 @@ class JointRewardModel(nn.Module):
         return next(n for n, p in self.backbone.named_parameters(remove_duplicate=False) if p is emb)
 
     def jrm_config(self) -> dict[str, Any]:
-        return {"format": FORMAT, "reward_token": REWARD_TOKEN, "reward_token_id": self.reward_token_id,
-                "head_hidden": self.head_hidden, "hidden_size": self.reward_head.fc.in_features,
-                "head_dtype": "float32", "input_embedding": self.input_embedding_name()}
+        out = {"format": FORMAT, "reward_token": REWARD_TOKEN, "reward_token_id": self.reward_token_id,
+               "head_hidden": self.head_hidden, "hidden_size": self.reward_head.fc.in_features,
+               "head_dtype": "float32", "input_embedding": self.input_embedding_name()}
+        if self.reward_head.input_norm != "none":  # absent = none: checkpoints without it load as before
+            out["head_input_norm"] = self.reward_head.input_norm
+        return out
 
     def save_pretrained(self, out_dir: str | Path, processor=None) -> None:
         """Backbone (safetensors; its ``<|reward|>`` row = the trained token, see ``vocab_with_reward_row``),
@@ -209,7 +256,8 @@ class JointRewardModel(nn.Module):
         if jcfg.get("format") != FORMAT:
             raise ValueError(f"{cfg_file}: unknown format {jcfg.get('format')!r}, expected {FORMAT}")
         backbone = load_backbone(str(p), dtype=dtype, attn_implementation=attn_implementation)
-        model = cls(backbone, jcfg["reward_token_id"], jcfg["head_hidden"], lm_ce=lm_ce, init_head=False)
+        model = cls(backbone, jcfg["reward_token_id"], jcfg["head_hidden"], lm_ce=lm_ce, init_head=False,
+                    head_input_norm=jcfg.get("head_input_norm", "none"))
         missing, unexpected = model.reward_head.load_state_dict(load_file(str(p / HEAD_WEIGHTS)), strict=True)
         return model
 

@@ -175,6 +175,152 @@ def sweep_plots(rows: list["RunRow"], out_dir: str, tracking_uri: str | None = N
     return paths
 
 
+# ---------------------------------------------------------------- data-efficiency curve (make repro-curve)
+CURVE_METRICS = ("heldout_acc", "acc_colour", "acc_quality", "eff_rank", "caption_kept", "log_likelihood", "brier", "ece")
+
+
+def curve_summary(rows: list["RunRow"]) -> dict[tuple[int, float], dict[str, tuple[float, float, int]]]:
+    """(training groups, alpha) → metric key → (mean, 95% t half-width, n seeds)."""
+    cells: dict[tuple[int, float], list[RunRow]] = {}
+    for r in rows:
+        if r.train_groups is not None and r.alpha is not None:
+            cells.setdefault((r.train_groups, r.alpha), []).append(r)
+    return {k: {key: t_interval([r.metrics[key] for r in rs if r.metrics.get(key) is not None])
+                for key, *_ in SWEEP_METRICS} for k, rs in sorted(cells.items())}
+
+
+def groups_to_reach(curve: dict[int, float], target: float) -> float | None:
+    """Fewest training groups at which ``curve`` (size → accuracy) reaches ``target``: the first size at or above
+    it, interpolated linearly in log2(size) from the size before; None if no size reaches it."""
+    ns = sorted(curve)
+    for i, n in enumerate(ns):
+        if curve[n] >= target:
+            if i == 0:
+                return float(n)
+            n0, a0, a1 = ns[i - 1], curve[ns[i - 1]], curve[n]
+            t = (target - a0) / (a1 - a0) if a1 > a0 else 1.0
+            return float(2 ** (math.log2(n0) + t * (math.log2(n) - math.log2(n0))))
+    return None
+
+
+def fewer_groups_factor(rows: list["RunRow"], alpha: float, key: str = "heldout_acc", base_alpha: float = 0.0,
+                        n_boot: int = 2000, seed: int = 0) -> dict | None:
+    """How many times fewer groups JRM (``alpha``) needs to reach rank-only's mean ``key`` at the largest size:
+    largest size / groups_to_reach(JRM mean curve, that target). 95% interval: bootstrap over seeds (each
+    (size, alpha) cell resampled with replacement). A JRM curve that never reaches the target counts as factor 0
+    (needs more than the largest size); one that reaches it at the smallest size is censored there (factor =
+    largest / smallest, a lower bound)."""
+    import random
+
+    cells: dict[tuple[int, float], list[float]] = {}
+    for r in rows:
+        if r.train_groups is not None and r.alpha in (alpha, base_alpha) and r.metrics.get(key) is not None:
+            cells.setdefault((r.train_groups, r.alpha), []).append(float(r.metrics[key]))
+    sizes = sorted({n for n, a in cells if a == alpha} & {n for n, a in cells if a == base_alpha})
+    if len(sizes) < 2:
+        return None
+    n_ref = sizes[-1]
+
+    def factor(pick) -> float:
+        target = sum(pick(n_ref, base_alpha)) / len(cells[(n_ref, base_alpha)])
+        need = groups_to_reach({n: sum(pick(n, alpha)) / len(cells[(n, alpha)]) for n in sizes}, target)
+        return 0.0 if need is None else n_ref / need
+
+    point = factor(lambda n, a: cells[(n, a)])
+    rng = random.Random(seed)
+    boots = sorted(factor(lambda n, a: [rng.choice(cells[(n, a)]) for _ in cells[(n, a)]]) for _ in range(n_boot))
+    lo, hi = boots[int(0.025 * n_boot)], boots[min(int(0.975 * n_boot), n_boot - 1)]
+    return {"factor": point, "lo": lo, "hi": hi, "n_ref": n_ref, "n_min": sizes[0], "alpha": alpha, "key": key,
+            "target": sum(cells[(n_ref, base_alpha)]) / len(cells[(n_ref, base_alpha)])}
+
+
+def _factor_sentence(f: dict) -> str:
+    cap = f["n_ref"] / f["n_min"]
+
+    def show(v):
+        return "0× (not reached)" if v == 0 else (f"≥ {v:.0f}×" if v >= cap else f"{v:.2f}×")
+    lbl = next(lbl for k, _, lbl, _ in SWEEP_METRICS if k == f["key"])
+    head = (f"JRM (alpha {f['alpha']:g}) vs rank-only's {lbl} at {f['n_ref']} groups ({100 * f['target']:.1f}%): ")
+    head += ("JRM's mean curve does not reach it at any size tried" if f["factor"] == 0 else
+             f"JRM needs {show(f['factor'])} fewer groups to reach it")
+    return (head + f" (factor {show(f['factor'])}, 95% bootstrap interval over seeds {show(f['lo'])} to "
+            f"{show(f['hi'])}; 1× = no gap, < 1× or 0× = JRM needs more groups).")
+
+
+def render_curve(rows: list["RunRow"]) -> str:
+    """The data-efficiency curve: per training-set size and alpha, mean ± 95% CI over seeds, then the
+    "N× fewer groups" read-out for every JRM alpha."""
+    summ = curve_summary(rows)
+    if not summ:
+        return "No curve runs (repro.train_groups) found."
+    keys = [(k, lbl, pct) for k, _, lbl, pct in SWEEP_METRICS if k in CURVE_METRICS]
+
+    def cell(v, pct):
+        mean, hw, n = v
+        if n == 0:
+            return "–"
+        k, nd = (100.0, 1) if pct else (1.0, 3)
+        return f"{k * mean:.{nd}f}" + ("" if n < 2 else f" ± {k * hw:.{nd}f}")
+    out = ["## Data-efficiency curve: mean ± 95% CI over seeds (t-interval)", "",
+           "| groups | alpha | seeds | " + " | ".join(lbl + (" (%)" if pct else "") for _, lbl, pct in keys) + " |",
+           "|---:|---|---:|" + "---:|" * len(keys)]
+    for (n, alpha), m in summ.items():
+        seeds = max(v[2] for v in m.values())
+        out.append(f"| {n} | {alpha:g}{' (rank-only)' if alpha == 0 else ''} | {seeds} | "
+                   + " | ".join(cell(m[k], pct) for k, _, pct in keys) + " |")
+    alphas = sorted({a for _, a in summ if a != 0})
+    out.append("")
+    for alpha in alphas:
+        for key in ("heldout_acc", "acc_colour", "acc_quality"):
+            f = fewer_groups_factor(rows, alpha, key)
+            if f is not None:
+                out.append("* " + _factor_sentence(f))
+    return "\n".join(out)
+
+
+def curve_plot(rows: list["RunRow"], out_dir: str) -> str:
+    """One PNG: held-out accuracy (all / colour / quality), effective rank, caption retention and ECE vs the
+    number of training groups (log scale), one line per alpha, mean ± 95% CI over seeds, seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    summ = curve_summary(rows)
+    alphas = sorted({a for _, a in summ})
+    panels = ("heldout_acc", "acc_colour", "acc_quality", "eff_rank", "caption_kept", "ece")
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), dpi=100)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key in zip(axes.flat, panels):
+        lbl = next(lbl for k, _, lbl, _ in SWEEP_METRICS if k == key)
+        for i, alpha in enumerate(alphas):
+            ns = [n for n, a in summ if a == alpha and summ[(n, a)][key][2] > 0]
+            ys = [summ[(n, alpha)][key] for n in ns]
+            c = colours[i % len(colours)]
+            ax.errorbar([n * (1 + 0.04 * (i - (len(alphas) - 1) / 2)) for n in ns], [y[0] for y in ys],
+                        yerr=[0 if y[2] < 2 else y[1] for y in ys], marker="o", capsize=3, color=c,
+                        label=f"alpha {alpha:g}" + (" (rank-only)" if alpha == 0 else ""))
+            for r in rows:
+                if r.alpha == alpha and r.train_groups is not None and r.metrics.get(key) is not None:
+                    ax.plot(r.train_groups * (1 + 0.04 * (i - (len(alphas) - 1) / 2)), r.metrics[key], ".",
+                            color=c, alpha=0.35)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training groups")
+        ax.set_title(lbl, fontsize=9)
+        if key.startswith("acc") or key == "heldout_acc":
+            ax.axhline(0.5, ls=":", color="grey", lw=1)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("data-efficiency curve: mean ± 95% CI over seeds; dots: single runs", fontsize=10)
+    fig.tight_layout()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "data_efficiency_curve.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
 class ReportError(ValueError):
     pass
 
@@ -189,6 +335,7 @@ class RunRow:
     rank_mode: str
     status: str
     metrics: dict[str, float | None] = field(default_factory=dict)
+    train_groups: int | None = None  # repro.train_groups of a data-efficiency curve run (make repro-curve)
 
 
 def _num(v) -> float | None:
@@ -218,7 +365,8 @@ def row_from_run(run, experiment: str) -> RunRow:
     }
     return RunRow(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8], experiment=experiment,
                   backbone=p.get("model.name", "?"), alpha=_num(alpha), rank_mode=p.get("loss.rank_mode", "?"),
-                  status=run.info.status, metrics=metrics)
+                  status=run.info.status, metrics=metrics,
+                  train_groups=int(p["repro.train_groups"]) if p.get("repro.train_groups") else None)
 
 
 def gather(tracking_uri: str | None, experiments: list[str] | None, all_statuses: bool = False) -> list[RunRow]:
@@ -318,7 +466,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the markdown here too")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of markdown")
     ap.add_argument("--sweep", action="store_true",
-                    help="the alpha sweep only: mean ± 95%% CI over seeds per alpha (make repro-toy)")
+                    help="the alpha sweep only: mean ± 95%% CI over seeds per alpha (make repro-toy); per training-set "
+                         "size and alpha when the runs carry repro.train_groups (make repro-curve)")
     ap.add_argument("--plots", default=None, help="--sweep: write accuracy / effective rank vs alpha and spectra here")
     a = ap.parse_args(argv)
     try:
@@ -326,9 +475,10 @@ def main(argv=None) -> int:
     except ReportError as e:
         print(f"jrm-report: error: {e}", file=sys.stderr)
         return 2
-    md = render_sweep(rows) if a.sweep else render(rows)
+    curve = a.sweep and any(r.train_groups is not None for r in rows)
+    md = render_curve(rows) if curve else render_sweep(rows) if a.sweep else render(rows)
     if a.sweep and a.plots and rows:
-        pngs = sweep_plots(rows, a.plots, a.tracking_uri)
+        pngs = [curve_plot(rows, a.plots)] if curve else sweep_plots(rows, a.plots, a.tracking_uri)
         md += "\n\nPlots: " + ", ".join(pngs)
     print(json.dumps([asdict(r) for r in rows], indent=2) if a.json else md)
     if a.out:

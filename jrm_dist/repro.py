@@ -13,6 +13,11 @@ JRM effect at toy scale (sweep settings: ``REPRO_DEFAULTS`` below; run settings:
 
 A finished run (its ``repro_eval.json`` exists) is not trained again: re-running resumes the sweep.
 ``--only-alphas`` / ``--only-seeds`` / overrides (``train.max_steps=...``) serve pilots.
+
+Data-efficiency curve (``make repro-curve``, configs/repro_curve.yaml): ``repro.group_sizes`` trains every
+(alpha, seed) on nested training sets of those sizes (run names ``alpha<A>-seed<S>-n<N>``, the size logged as
+the run param ``repro.train_groups``), ``repro.parallel`` runs that many single-threaded ``jrm-train``
+processes at a time, and ``jrm-report --sweep`` then tabulates per size and alpha (report.render_curve).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,11 @@ REPRO_DEFAULTS: dict[str, Any] = {
     "eval_quality_share": 0.5,
     "rationale_style": "verdict_first",  # a rationale on every candidate (data_prep/synthetic.py)
     "nproc": 1,
+    # Data-efficiency curve (issue 19): one point per training-set size. Empty = the single size train_groups
+    # and the run names alpha<A>-seed<S> as before; else run names alpha<A>-seed<S>-n<N>. The sets are nested:
+    # the first N groups of the data seed (make_group is a pure function of (seed, index)).
+    "group_sizes": [],
+    "parallel": 1,  # concurrent jrm-train runs, each single-threaded (OMP_NUM_THREADS=1)
     "experiment": "repro-toy",
     "data_seed": 0,
     "eval_seed": 1,
@@ -66,42 +77,54 @@ def load(path: str, overrides: list[str], sweep: str | None = None) -> tuple[dic
     return repro, data
 
 
-def prepare_data(repro: dict) -> tuple[Path, Path]:
+def sizes(repro: dict) -> list[int]:
+    """The training-set sizes of the sweep: ``group_sizes``, else the one ``train_groups``."""
+    got = repro.get("group_sizes") or [repro["train_groups"]]
+    if not isinstance(got, list) or not all(isinstance(n, int) and n > 0 for n in got):
+        raise SystemExit(f"repro.group_sizes must be a list of positive integers, got {got!r}")
+    return sorted(set(got))
+
+
+def prepare_data(repro: dict) -> tuple[dict[int, Path], Path]:
+    """Training shards per size (nested: the first N groups of ``data_seed``) and the held-out shards."""
     from data_prep.cli import main as prep
 
     out = Path(repro["out"]) / "data"
-    train = out / f"train-{repro['train_groups']}-q{repro['train_quality_share']}-{repro['rationale_style']}"
-    ev = out / f"eval-{repro['eval_groups']}-q{repro['eval_quality_share']}"
-    for d, n, seed, q in ((train, repro["train_groups"], repro["data_seed"], repro["train_quality_share"]),
-                          (ev, repro["eval_groups"], repro["eval_seed"], repro["eval_quality_share"])):
+    trains = {n: out / f"train-{n}-q{repro['train_quality_share']}-s{repro['data_seed']}-{repro['rationale_style']}"
+              for n in sizes(repro)}
+    ev = out / f"eval-{repro['eval_groups']}-q{repro['eval_quality_share']}-s{repro['eval_seed']}"
+    jobs = [(d, n, repro["data_seed"], repro["train_quality_share"]) for n, d in trains.items()]
+    for d, n, seed, q in jobs + [(ev, repro["eval_groups"], repro["eval_seed"], repro["eval_quality_share"])]:
         if not (d / "manifest.json").exists():
             code = prep(["synthetic", "--out", str(d), "--groups", str(n), "--seed", str(seed), "--quality-share",
                          str(q), "--rationale-style", repro["rationale_style"], "--quiet"])
             if code != 0:
                 raise SystemExit(f"jrm-prep synthetic failed for {d}")
-    return train, ev
+    return trains, ev
 
 
-def run_name(alpha: float, seed: int) -> str:
-    return f"alpha{alpha:g}-seed{seed}"
+def run_name(alpha: float, seed: int, n_groups: int | None = None) -> str:
+    return f"alpha{alpha:g}-seed{seed}" + ("" if n_groups is None else f"-n{n_groups}")
 
 
-def train_one(repro: dict, train_cfg: Path, train: Path, alpha: float, seed: int, uri: str) -> Path:
-    out = Path(repro["out"]) / "runs" / run_name(alpha, seed)
+def train_one(repro: dict, train_cfg: Path, train: Path, alpha: float, seed: int, uri: str,
+              n_groups: int | None = None) -> Path:
+    name = run_name(alpha, seed, n_groups)
+    out = Path(repro["out"]) / "runs" / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(repro["nproc"]),
            "-m", "jrm_dist.train", "--config", str(train_cfg), f"model.name={repro['backbone']}",
            f"data.train_shards={train}", "data.eval_shards=", f"loss.alpha={alpha}", f"train.seed={seed}",
            f"data.seed={seed}", f"train.output_dir={out}", f"tracking.uri={uri}",
-           f"tracking.experiment={repro['experiment']}", f"tracking.run_name={run_name(alpha, seed)}",
+           f"tracking.experiment={repro['experiment']}", f"tracking.run_name={name}",
            "--resume", "none"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore",
            "TOKENIZERS_PARALLELISM": "false"}
-    log = out.parent / f"{run_name(alpha, seed)}.log"
+    log = out.parent / f"{name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if p.returncode != 0:
-        raise SystemExit(f"jrm-train failed for {run_name(alpha, seed)} (exit {p.returncode}); see {log}")
+        raise SystemExit(f"jrm-train failed for {name} (exit {p.returncode}); see {log}")
     return out
 
 
@@ -234,9 +257,10 @@ def _read_groups(shards: Path):
             yield decode_sample(sample)
 
 
-def log_to_run(uri: str, experiment: str, name: str, result: dict, path: Path) -> str:
-    """Add the held-out metrics and the spectrum file to the run's MLflow record (batch logging)."""
-    from mlflow.entities import Metric
+def log_to_run(uri: str, experiment: str, name: str, result: dict, path: Path, params: dict | None = None) -> str:
+    """Add the held-out metrics (and ``params``, e.g. the training-set size) and the spectrum file to the
+    run's MLflow record (batch logging)."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -247,7 +271,8 @@ def log_to_run(uri: str, experiment: str, name: str, result: dict, path: Path) -
         raise SystemExit(f"no MLflow run named {name} in experiment {experiment} at {uri}")
     rid = runs[0].info.run_id
     now = int(time.time() * 1000)
-    client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in result["metrics"].items()])
+    client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in result["metrics"].items()],
+                     params=[Param(k, str(v)) for k, v in (params or {}).items()])
     client.log_artifact(rid, str(path))
     return rid
 
@@ -327,7 +352,7 @@ def main(argv=None) -> int:
 
     pretrain_tiny_backbone(repro["backbone"], steps=int(repro["pretrain_steps"]), threads=1)
     print(f"[repro] backbone {repro['backbone']} ready ({time.time() - t0:.0f}s)", flush=True)
-    train, ev = prepare_data(repro)
+    trains, ev = prepare_data(repro)
     if a.probe:
         return probe_runs(out, ev)
     if a.retention:
@@ -347,30 +372,45 @@ def main(argv=None) -> int:
     train_cfg.write_text(yaml.safe_dump(train_dict, sort_keys=False))
     alphas = a.only_alphas if a.only_alphas is not None else repro["alphas"]
     seeds = a.only_seeds if a.only_seeds is not None else repro["seeds"]
-    timings = {}
-    for seed in seeds:  # seeds outermost: a cut-short sweep still has every alpha for the first seeds
-        for alpha in alphas:
-            name = run_name(float(alpha), int(seed))
-            run_dir = out / "runs" / name
-            if (run_dir / EVAL_FILE).exists():
-                print(f"[repro] {name}: done already, kept", flush=True)
-                continue
-            t0 = time.time()
-            train_one(repro, train_cfg, train, float(alpha), int(seed), uri)
-            t1 = time.time()
-            res = evaluate_export(run_dir / "export", ev, train_dict.get("loss", {}).get("rank_mode", "thurstone"))
-            res["metrics"]["eval/caption_colour_accuracy"] = caption_retention(run_dir / "export",
-                                                                               Path(repro["backbone"]))
-            res.update({"alpha": float(alpha), "seed": int(seed), "train_s": round(t1 - t0, 1),
-                        "eval_s": round(time.time() - t1, 1)})
-            (run_dir / EVAL_FILE).write_text(json.dumps(res, indent=2))
-            log_to_run(uri, repro["experiment"], name, res, run_dir / EVAL_FILE)
-            timings[name] = time.time() - t0
-            m = res["metrics"]
-            print(f"[repro] {name}: acc {m['eval/accuracy']:.3f} (colour {m.get('eval/accuracy/colour', float('nan')):.3f}, "
-                  f"quality {m.get('eval/accuracy/quality', float('nan')):.3f}), eff. rank "
-                  f"{m['eval/effective_rank']:.2f}, ECE {m['eval/ece']:.3f}; train {t1 - t0:.0f}s, "
-                  f"eval {time.time() - t1:.0f}s", flush=True)
+    curve = bool(repro["group_sizes"])
+    # seeds outermost: a cut-short sweep still has every alpha (and size) for the first seeds
+    jobs = [(float(alpha), int(seed), n if curve else None) for seed in seeds for n in sizes(repro) for alpha in alphas]
+    rank_mode = train_dict.get("loss", {}).get("rank_mode", "thurstone")
+    mlflow_lock = threading.Lock()  # one writer of the sweep's sqlite store at a time from this process
+
+    def job(alpha: float, seed: int, n: int | None) -> None:
+        name = run_name(alpha, seed, n)
+        run_dir = out / "runs" / name
+        if (run_dir / EVAL_FILE).exists():
+            print(f"[repro] {name}: done already, kept", flush=True)
+            return
+        t0 = time.time()
+        train_one(repro, train_cfg, trains[n or sizes(repro)[0]], alpha, seed, uri, n)
+        t1 = time.time()
+        res = evaluate_export(run_dir / "export", ev, rank_mode)
+        res["metrics"]["eval/caption_colour_accuracy"] = caption_retention(run_dir / "export", Path(repro["backbone"]))
+        res.update({"alpha": alpha, "seed": seed, "train_groups": n or repro["train_groups"],
+                    "train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)})
+        (run_dir / EVAL_FILE).write_text(json.dumps(res, indent=2))
+        with mlflow_lock:
+            log_to_run(uri, repro["experiment"], name, res, run_dir / EVAL_FILE,
+                       params={"repro.train_groups": res["train_groups"]})
+        m = res["metrics"]
+        print(f"[repro] {name}: acc {m['eval/accuracy']:.3f} (colour {m.get('eval/accuracy/colour', float('nan')):.3f}, "
+              f"quality {m.get('eval/accuracy/quality', float('nan')):.3f}), eff. rank "
+              f"{m['eval/effective_rank']:.2f}, ECE {m['eval/ece']:.3f}; train {t1 - t0:.0f}s, "
+              f"eval {time.time() - t1:.0f}s", flush=True)
+
+    parallel = max(int(repro["parallel"]), 1)
+    if parallel == 1:
+        for j in jobs:
+            job(*j)
+    else:  # each run is its own jrm-train process (single-threaded); scoring runs in this process's threads
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            for f in [pool.submit(job, *j) for j in jobs]:
+                f.result()
     print(f"[repro] sweep done in {time.time() - t_all:.0f}s", flush=True)
     if not a.no_report:
         from jrm_dist.report import main as report

@@ -328,6 +328,16 @@ class Trainer:
             except StopIteration:
                 self.it = None
 
+    def _calibrate_head(self, micro: list[dict]) -> None:
+        """model.head_input_norm=standardize: the head's input statistics from the first step's reward-token
+        states, summed over every rank and micro-batch so all ranks hold the same buffers."""
+        from jrm_dist.model import calibrate_head_input
+
+        self.engine.eval()
+        n = calibrate_head_input(self.model, [_to_device(b, self.dev) for b in micro],
+                                 all_reduce=lambda t: self.dist.all_reduce(t))
+        log.info("reward head input standardised with the statistics of %d reward-token states", n)
+
     # ---- one optimizer step
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step, read as the algorithm: micro-batches → objective → backward → agreed skip/step →
@@ -339,6 +349,8 @@ class Trainer:
         micro = self._take_micro_batches()
         if micro is None:
             return None
+        if self.step == 0 and self.resume_from is None and cfg.model.head_input_norm == "standardize":
+            self._calibrate_head(micro)
         rank_items, lm_items = self._global_divisors(micro)
         self.engine.train()
         sums = torch.zeros(len(_STEP_SUMS), dtype=torch.float64)

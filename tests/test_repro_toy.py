@@ -140,3 +140,74 @@ def test_caption_retention_reads_the_trained_backbone(jrm_checkpoint, tiny_backb
 
     v = caption_retention(Path(jrm_checkpoint), Path(tiny_backbone), n=8)
     assert 0.0 <= v <= 1.0
+
+
+def test_curve_sizes_are_nested_prefixes_of_one_data_seed(tmp_path):
+    """repro.group_sizes: one training set per size, the first N groups of the data seed (nested), a data dir
+    per data seed (a replication on another seed never reuses the first one's shards)."""
+    from jrm_dist.repro import REPRO_DEFAULTS, _read_groups, prepare_data, run_name, sizes
+
+    repro = {**REPRO_DEFAULTS, "out": str(tmp_path), "group_sizes": [8, 4], "eval_groups": 4}
+    assert sizes(repro) == [4, 8] and sizes({**repro, "group_sizes": []}) == [repro["train_groups"]]
+    with pytest.raises(SystemExit, match="group_sizes"):
+        sizes({**repro, "group_sizes": [4, 0]})
+    trains, ev = prepare_data(repro)
+    small = [r["key"] for r, _ in _read_groups(trains[4])]
+    big = [r["key"] for r, _ in _read_groups(trains[8])]
+    assert len(small) == 4 and big[:4] == small
+    other, _ = prepare_data({**repro, "data_seed": 5})
+    assert other[4] != trains[4] and [r["key"] for r, _ in _read_groups(other[4])] != small
+    assert run_name(0.3, 1) == "alpha0.3-seed1" and run_name(0.3, 1, 64) == "alpha0.3-seed1-n64"
+
+
+def _curve_rows(acc):
+    from jrm_dist.report import RunRow
+
+    return [RunRow(f"r{a}{n}{s}", f"alpha{a}-seed{s}-n{n}", "e", "bb", a, "bt", "FINISHED",
+                   {"heldout_acc": acc(a, n) + (s - 1) / 100, "acc_colour": acc(a, n), "acc_quality": 0.9,
+                    "eff_rank": 2.0, "caption_kept": 0.5, "ece": 0.1}, train_groups=n)
+            for a in (0.0, 0.3) for n in (64, 128, 256, 512, 1024) for s in range(3)]
+
+
+def test_groups_to_reach_interpolates_in_log_size():
+    from jrm_dist.report import groups_to_reach
+
+    curve = {64: 0.5, 128: 0.6, 256: 0.7}
+    assert groups_to_reach(curve, 0.6) == 128 and groups_to_reach(curve, 0.4) == 64
+    assert abs(groups_to_reach(curve, 0.65) - 2 ** 7.5) < 1e-9
+    assert groups_to_reach(curve, 0.71) is None
+
+
+def test_curve_report_states_the_fewer_groups_factor_with_an_interval(tmp_path):
+    from jrm_dist.report import curve_plot, fewer_groups_factor, render_curve
+
+    # JRM's curve is rank-only's shifted by one doubling: it needs 2x fewer groups
+    rows = _curve_rows(lambda a, n: 0.5 + 0.05 * (math.log2(n) - 6 + (1 if a else 0)))
+    f = fewer_groups_factor(rows, 0.3)
+    assert abs(f["factor"] - 2.0) < 1e-9 and f["lo"] <= 2.0 <= f["hi"] and f["n_ref"] == 1024
+    md = render_curve(rows)
+    assert "| 1024 | 0 (rank-only) | 3 |" in md and "JRM needs 2.00× fewer groups to reach it" in md
+    # equal curves: no gap (1x); a JRM curve below rank-only everywhere: never reaches it
+    assert abs(fewer_groups_factor(_curve_rows(lambda a, n: 0.5 + n / 4096), 0.3)["factor"] - 1.0) < 1e-9
+    assert fewer_groups_factor(_curve_rows(lambda a, n: 0.5 + n / 4096 - (0.2 if a else 0)), 0.3)["factor"] == 0
+    png = curve_plot(rows, str(tmp_path))
+    assert png.endswith("data_efficiency_curve.png") and (tmp_path / "data_efficiency_curve.png").stat().st_size > 1000
+
+
+def test_repro_diag_runs_the_trainer_pieces_and_the_frozen_head_comparison(tiny_backbone, synthetic_shards):
+    """jrm_dist.repro_diag: a short in-process run (step-0 and final read-outs) and the frozen-head comparison."""
+    from pathlib import Path
+
+    import yaml
+
+    from jrm_dist.repro_diag import ROOT, frozen_head_runs, run
+
+    cfg = yaml.safe_load((ROOT / "configs" / "repro_curve.yaml").read_text())
+    cfg["model"]["name"] = tiny_backbone
+    train, ev = Path(synthetic_shards["train"]), Path(synthetic_shards["eval"])
+    res = run(cfg, train, ev, steps=2, eval_every=2, seed=0, log=lambda s: None)
+    assert [r["step"] for r in res["curve"]] == [0, 2]
+    for row in res["curve"]:
+        assert 0 <= row["accuracy"] <= 1 and row["effective_rank_centred"] >= 1 and row["pair_spread"] >= 0
+    out = frozen_head_runs(cfg, train, ev, steps=2, pairs_per_step=4, lr=1e-2, seed=0, log=lambda s: None)
+    assert set(out) == {"none", "standardize"} and out["none"][-1]["step"] == 2

@@ -72,6 +72,35 @@ def test_param_groups_give_head_and_reward_token_the_head_lr(plain_model, tiny_b
     assert n == sum(1 for p in plain_model.parameters() if p.requires_grad)
 
 
+def test_reward_token_lr_gives_the_reward_embedding_its_own_group(plain_model, tiny_backbone):
+    """optim.reward_token_lr (issue 19): the <|reward|> embedding apart from the head (0 = frozen in place)."""
+    c = cfg_with("optim.lr=1e-5", "optim.head_lr=1e-3", "optim.reward_token_lr=1e-5", backbone=tiny_backbone)
+    groups = {g["name"]: g for g in param_groups(plain_model, c)}
+    tok = plain_model.reward_head.token.weight
+    assert [id(p) for p in groups["reward_token"]["params"]] == [id(tok)] and groups["reward_token"]["lr"] == 1e-5
+    assert id(tok) not in {id(p) for p in groups["head"]["params"]} and groups["head"]["lr"] == 1e-3
+    assert sum(len(g["params"]) for g in groups.values()) == sum(1 for p in plain_model.parameters() if p.requires_grad)
+    assert "reward_token" not in {g["name"] for g in param_groups(plain_model, cfg_with(backbone=tiny_backbone))}
+    with pytest.raises(ConfigError, match="optim.reward_token_lr"):
+        cfg_with("optim.reward_token_lr=-1", backbone=tiny_backbone)
+
+
+def test_head_only_steps_hold_the_backbone_lr_at_zero_then_follow_the_schedule():
+    """optim.head_only_steps (issue 19): fit the head on the pretrained features first, then fine-tune all."""
+    from jrm_dist.engine import group_lr_lambdas
+
+    c = cfg_with("optim.schedule=cosine", "train.max_steps=100", "optim.warmup_ratio=0.1", "optim.head_only_steps=20")
+    groups = [{"name": "backbone"}, {"name": "backbone_no_decay"}, {"name": "head"}, {"name": "reward_token"}]
+    bb, bb_nd, head, tok = group_lr_lambdas(c, groups)
+    base = lr_lambda(c)
+    assert bb(0) == bb(19) == bb_nd(19) == 0.0 and bb(20) == base(20) and bb_nd(60) == base(60)
+    assert head(0) == base(0) and head(19) == base(19) and tok(5) == base(5)
+    plain = cfg_with("optim.schedule=cosine", "train.max_steps=100", "optim.warmup_ratio=0.1")
+    assert all(f(s) == base(s) for f in group_lr_lambdas(plain, groups) for s in (0, 19, 50))  # default: no hold
+    with pytest.raises(ConfigError, match="optim.head_only_steps"):
+        cfg_with("optim.head_only_steps=-1")
+
+
 def test_freezing_knobs(tiny_backbone, tiny_processor):
     c = cfg_with("model.freeze_vision=true", "model.freeze_merger=true", backbone=tiny_backbone)
     m = build_model(c, tiny_processor.reward_token_id, None)
