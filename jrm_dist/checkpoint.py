@@ -176,7 +176,8 @@ def frozen_source(model, model_name: str) -> dict[str, str] | None:
         return None
     if not ((d / "model.safetensors.index.json").exists() or (d / "model.safetensors").exists()):
         return None
-    return {"path": str(d.resolve()), "fingerprint": source_fingerprint(d)}
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return {"path": str(d.resolve()), "fingerprint": source_fingerprint(d), "dtype": str(dtype).split(".")[-1]}
 
 
 def check_frozen_source(saved: dict | None, model_name: str, checkpoint: Path) -> None:

@@ -88,17 +88,24 @@ class _SourceTensor:
     """A frozen parameter, read from the run's base checkpoint (``trainer_state["frozen_from"]``) when its shard
     is written: checkpoints of runs with frozen parts (LoRA) do not hold them."""
 
-    def __init__(self, file: Path, key: str):
-        self.file, self.key = file, key
+    def __init__(self, file: Path, key: str, dtype: torch.dtype, reward_row: int | None = None):
+        self.file, self.key, self.dtype, self.reward_row = file, key, dtype, reward_row
 
     def contiguous(self):
         from safetensors import safe_open
 
         with safe_open(str(self.file), framework="pt") as f:
-            return f.get_tensor(self.key).float()
+            t = f.get_tensor(self.key).to(self.dtype)  # as the run held it
+        if self.reward_row is not None:  # what model.add_reward_token did to the vocabulary matrices at build
+            rid = self.reward_row
+            if t.shape[0] <= rid:
+                t = torch.cat([t, t.new_zeros(rid + 1 - t.shape[0], *t.shape[1:])])
+            t[rid] = t[:rid].float().mean(0).to(t.dtype)
+        return t.float()
 
 
-def _with_frozen_from_source(backbone: dict, frozen_from: dict, src: Path) -> dict:
+def _with_frozen_from_source(backbone: dict, frozen_from: dict, src: Path, vocab_names: set[str],
+                             reward_token_id: int) -> dict:
     """Complete the trained tensors with the frozen ones of the base checkpoint, under the names the model had
     in training (a LoRA-wrapped Linear's base weight is ``<prefix>.base_layer.weight``)."""
     from jrm_dist import checkpoint as ck
@@ -116,7 +123,8 @@ def _with_frozen_from_source(backbone: dict, frozen_from: dict, src: Path) -> di
         if prefix in lora_prefixes:
             name = f"{prefix}.base_layer.{what}"
         if name not in out:  # a trained copy (full fine-tuning of that tensor) wins
-            out[name] = _SourceTensor(file, key)
+            out[name] = _SourceTensor(file, key, getattr(torch, frozen_from.get("dtype", "float32")),
+                                      reward_token_id if name in vocab_names else None)
     return out
 
 
@@ -177,11 +185,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         raise ValueError(f"{src}: unexpected parameters outside backbone/reward_head: {other[:5]}")
     if not head:
         raise ValueError(f"{src}: no reward_head parameters in the DeepSpeed state")
+    jcfg_in = json.loads((hf / JRM_CONFIG).read_text())
     if state.get("frozen_from"):
-        backbone = _with_frozen_from_source(backbone, state["frozen_from"], src)
+        vocab = {jcfg_in.get("input_embedding", ""), "lm_head.weight"}
+        backbone = _with_frozen_from_source(backbone, state["frozen_from"], src, vocab, int(jcfg_in["reward_token_id"]))
     if state.get("lora"):
         backbone = _merge_lora(backbone, float(state["lora_alpha"]) / float(state["lora_r"]))
-    jcfg_in = json.loads((hf / JRM_CONFIG).read_text())
     vocab_name = _input_embedding_name(jcfg_in, backbone, src)
     if "token.weight" not in head:
         raise ValueError(f"{src}: no reward_head.token.weight (the <|reward|> embedding) in the DeepSpeed state")
