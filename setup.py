@@ -53,6 +53,7 @@ setup(
             "jrm-report=jrm_dist.report:main",
             "jrm-make-tiny=jrm_dist.make_tiny:main",
             "jrm-make-tokenizer=jrm_dist.tokenizer:main",
+            "jrm-make-checkpoint=jrm_dist.random_checkpoint:main",
         ]
     },
 )

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from jrm_dist.export import parse_size
+
 # transformers 5 module names -> released checkpoint key names (what transformers renames back on load).
 _RELEASED_NAMES = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
 
@@ -146,15 +148,6 @@ def draw(spec: Spec, dtype: torch.dtype, seed: int, std: float) -> torch.Tensor:
     return out
 
 
-def parse_size(s: str | int) -> int:
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", s.upper())
-    if not m:
-        raise ValueError(f"--max-shard-size {s!r}: expected e.g. 4GB, 500MB or a byte count")
-    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)])
-
-
 def _config_json(config: str | os.PathLike) -> dict:
     p = Path(config)
     return json.loads((p / "config.json" if p.is_dir() else p).read_text())
@@ -175,7 +168,7 @@ def write_checkpoint(config: str | os.PathLike, out_dir: str | os.PathLike, dtyp
     tdtype = DTYPES[dtype]
     std = float(getattr(cfg.get_text_config(), "initializer_range", 0.02) or 0.02)
     specs = tensor_specs(cfg)
-    shards = plan_shards(specs, tdtype, parse_size(max_shard_size))
+    shards = plan_shards(specs, tdtype, parse_size(max_shard_size))  # jrm-export's units (GB = 1e9)
     idx = index(shards, tdtype)
     out = Path(out_dir)
     if (out / "model.safetensors.index.json").exists() and not dry_run and (out / "DONE").exists():

@@ -111,6 +111,7 @@ def _steps_logged(out) -> int:
     return f.read_bytes().count(b"\n") if f.exists() else 0
 
 
+@pytest.mark.launch
 def test_ranks_die_with_torchrun_and_a_held_output_dir_is_refused(tiny_backbone, synthetic_shards, tmp_path):
     out = tmp_path / "run"
     ov = base_overrides(tiny_backbone, synthetic_shards, out, steps=100_000,
@@ -155,6 +156,7 @@ def test_ranks_die_with_torchrun_and_a_held_output_dir_is_refused(tiny_backbone,
         log.close()
 
 
+@pytest.mark.launch
 def test_diverged_weights_are_never_saved_and_the_message_names_the_last_sane_checkpoint(
         tiny_backbone, synthetic_shards, tmp_path):
     """optim.lr=1e30 left `latest` at a checkpoint with finite weights up to 3.3e29, and the error advised

@@ -223,6 +223,7 @@ def test_tiny_backbone_rejects_an_unknown_or_mismatched_tokenizer(tmp_path, tiny
     assert str(build_tiny_backbone(tiny_backbone)) == tiny_backbone
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(600)
 def test_tiny_backbone_with_the_real_tokenizer_trains_scores_and_exports(synthetic_shards, tmp_path, reference):
     """A tiny-width Qwen2.5-VL with the real tokenizer and the released 152064 rows: 3 ZeRO-3 steps on one

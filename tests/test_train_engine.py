@@ -25,7 +25,8 @@ def test_deepspeed_config_stage3_offload_bf16():
     ds = deepspeed_config(c, world_size=8)
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu"
-    assert z["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}
+    assert z["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme",
+                                  "buffer_count": c.zero.nvme_buffer_count, "buffer_size": c.zero.nvme_buffer_size}
     assert z["stage3_param_persistence_threshold"] == c.zero.stage3_param_persistence_threshold
     assert ds["train_batch_size"] == 2 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
