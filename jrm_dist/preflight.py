@@ -152,7 +152,10 @@ def checkpoint_bytes(cfg: JRMConfig, d: Path | None) -> tuple[float, float] | No
     else:
         trainable = plan.param_count(inv, plan.trainable_parts(cfg))
     pbytes = 2 if cfg.model.precision == "bf16" else 4
-    ckpt = total * pbytes + trainable * OPTIM_BYTES.get(cfg.optim.name, 12.0)
+    # frozen parameters of a local safetensors base are re-read from it, not saved (checkpoint.frozen_source)
+    local_base = d is not None and any((d / f).exists() for f in ("model.safetensors.index.json", "model.safetensors"))
+    saved = trainable if local_base else total
+    ckpt = saved * pbytes + trainable * OPTIM_BYTES.get(cfg.optim.name, 12.0)
     return ckpt, total * pbytes
 
 
