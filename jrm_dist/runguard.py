@@ -67,7 +67,17 @@ def lock_output_dir(out: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+    # A forked child (a DataLoader worker) shares the locked file description, so the lock would outlive the
+    # run until the last worker noticed its parent was gone: children drop their copy at once.
+    os.register_at_fork(after_in_child=lambda: _close_quietly(fd))
     return fd
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def output_dir_busy(out: Path) -> str | None:
