@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,17 +29,16 @@ from pathlib import Path
 import torch
 
 from jrm_dist.export import parse_size
-
-# transformers 5 module names -> released checkpoint key names (what transformers renames back on load).
-_RELEASED_NAMES = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
+from jrm_dist.partitioned_load import _NATIVE_TO_RELEASED
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def released_name(native: str) -> str:
-    for pat, repl in _RELEASED_NAMES:
-        if pat.match(native):
-            return pat.sub(repl, native, count=1)
+    """transformers 5 module name -> released checkpoint key (what transformers renames back on load)."""
+    for a, b in _NATIVE_TO_RELEASED:
+        if native.startswith(a):
+            return b + native[len(a):]
     return native
 
 
