@@ -33,6 +33,7 @@ from pathlib import Path
 
 LOCK_NAME = ".jrm-train.lock"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+EXITING_HOLDER_WAIT_S = 20.0  # how long a new run waits for a dead holder's lock to be released
 LAUNCHER_PID_ENV = "JRM_LAUNCHER_PID"  # exported by jrm_dist.torchrun: closes the race of a launcher dying early
 
 
@@ -52,6 +53,24 @@ def _try_lock(path: Path) -> tuple[int | None, str]:
     return fd, ""
 
 
+def _holder_exiting(holder: str) -> bool:
+    """Whether the named holder is a process of this host that is gone or exiting. A killed multi-threaded
+    rank shows as a zombie as soon as its main thread is done, while its other threads still tear down
+    (unmapping gigabytes) and keep the descriptor table, hence the lock, for a moment longer."""
+    try:
+        info = json.loads(holder)
+        pid, host = int(info["pid"]), info["host"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # gone: the kernel is closing its files
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 def _busy(out: Path, holder: str) -> str:
     return (f"train.output_dir={str(out)!r} is in use by a live jrm-train run ({holder}); refusing to start a "
             f"second run there. Stop that run, or choose another train.output_dir")
@@ -62,6 +81,10 @@ def lock_output_dir(out: Path) -> int:
     Raises OutputDirBusy naming the holder when a live run has it."""
     out.mkdir(parents=True, exist_ok=True)
     fd, holder = _try_lock(out / LOCK_NAME)
+    deadline = time.monotonic() + EXITING_HOLDER_WAIT_S
+    while fd is None and _holder_exiting(holder) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        fd, holder = _try_lock(out / LOCK_NAME)
     if fd is None:
         raise OutputDirBusy(_busy(out, holder))
     os.ftruncate(fd, 0)

@@ -44,6 +44,42 @@ def test_output_dir_lock_refuses_a_second_holder_and_cannot_go_stale(tmp_path):
     os.close(lock_output_dir(tmp_path))
 
 
+_LEADER_EXITS_FIRST = """
+import ctypes, os, sys, threading, time
+from pathlib import Path
+from jrm_dist.runguard import lock_output_dir
+lock_output_dir(Path(sys.argv[1]))
+def tear_down():  # a rank's other threads, still exiting after its main thread is done
+    time.sleep(float(sys.argv[2]))
+    os._exit(0)
+threading.Thread(target=tear_down).start()
+print("locked", flush=True)
+ctypes.CDLL(None).syscall(60, 0)  # SYS_exit (x86-64): ends the main thread only; the leader shows as a zombie
+"""
+
+
+def test_a_killed_holder_whose_threads_still_tear_down_is_waited_for_not_reported_live(tmp_path):
+    """The CI race of the torchrun test: the holder's main thread is a zombie, its process still holds the lock
+    for a moment. A new run waits for it (the holder is not live); a live holder is still refused at once."""
+    holder = subprocess.Popen([sys.executable, "-c", _LEADER_EXITS_FIRST, str(tmp_path), "3"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        deadline = time.monotonic() + 10
+        while psutil.Process(holder.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        fd = lock_output_dir(tmp_path)  # raised OutputDirBusy before the wait for exiting holders
+        waited = time.monotonic() - t0
+        os.close(fd)
+        assert holder.wait(timeout=10) == 0
+        assert 0.5 < waited < 10, waited  # it did wait for the tear-down, and no longer than it took
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_weight_norm_of_blown_up_weights_and_the_divergence_guard():
     from jrm_dist.checkpoint import weight_stats
 
