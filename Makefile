@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test test-quick demo bench clean-demo repro-toy repro-curve
+.PHONY: venv aio test test-quick demo bench clean-demo repro-toy repro-curve
 
 # (Re)install when the venv is missing or setup.py changed. torch==2.13.0 first: it is the CPU wheel on
 # these machines and satisfies setup.py's range, so pip does not fetch a multi-GB CUDA build.
@@ -16,6 +16,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# DeepSpeed's async-I/O op (parameter offload to disk, `zero.offload_param=nvme`), built once; needs libaio-dev.
+aio: $(STAMP)
+	$(PY) -c "from deepspeed.ops.op_builder import AsyncIOBuilder as B; assert B().is_compatible(True), 'install libaio-dev'; B().load(verbose=False)"
 
 # The whole suite (what CI runs), with the 20 slowest tests listed at the end.
 test: $(STAMP)

@@ -198,8 +198,11 @@ def build_model(cfg: JRMConfig, reward_token_id: int, ds_config: dict | None = N
         unset_hf_deepspeed_config()
     if keep is not None and os.path.isdir(cfg.model.name):
         from jrm_dist.backbones import resolve_attn_implementation
-        from jrm_dist.partitioned_load import load_backbone_partitioned
+        from jrm_dist.partitioned_load import check_nvme_buffers, load_backbone_partitioned
 
+        off = ds_config["zero_optimization"].get("offload_param") or {}
+        if off.get("device") == "nvme":
+            check_nvme_buffers(cfg.model.name, torch.distributed.get_world_size(), int(off["buffer_size"]))
         backbone = load_backbone_partitioned(cfg.model.name, _dtype(cfg),
                                              resolve_attn_implementation(cfg.model.attn_implementation))
     else:
@@ -209,7 +212,11 @@ def build_model(cfg: JRMConfig, reward_token_id: int, ds_config: dict | None = N
     if keep is not None:
         import deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        # With parameters offloaded to NVMe every zero.Init makes its own swapper, but DeepSpeed swaps a
+        # module's parameters in through the first one's: the head shares the backbone's (else "Number of
+        # elements in param N is unknown" at the head's first gather).
+        swapper = next((p.nvme_swapper for p in backbone.parameters() if getattr(p, "nvme_swapper", None)), None)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, param_swapper=swapper):
             model = JointRewardModel(backbone, reward_token_id, cfg.model.head_hidden, lm_ce=cfg.model.lm_ce,
                                      head_input_norm=cfg.model.head_input_norm)
     else:

@@ -65,6 +65,37 @@ def native_name(key: str) -> str:
     return key
 
 
+def largest_tensor(path: str | os.PathLike) -> tuple[str, int]:
+    """(key, element count) of the checkpoint's largest tensor, from the safetensors headers only."""
+    from safetensors import safe_open
+
+    best = ("", 0)
+    by_file: dict[Path, list[str]] = {}
+    for k, f in checkpoint_keys(path).items():
+        by_file.setdefault(f, []).append(k)
+    for f, ks in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            for k in ks:
+                n = 1
+                for d in h.get_slice(k).get_shape():
+                    n *= d
+                best = max(best, (k, n), key=lambda t: t[1])
+    return best
+
+
+def check_nvme_buffers(path: str | os.PathLike, world: int, buffer_size: int) -> None:
+    """DeepSpeed swaps each parameter partition in through one buffer of ``zero.nvme_buffer_size`` elements and
+    asserts deep inside the first gather when one is too small: say so before anything is built."""
+    key, numel = largest_tensor(path)
+    need = -(-numel // world)
+    if need > buffer_size:
+        from jrm_dist.config import ConfigError
+
+        raise ConfigError(f"zero.nvme_buffer_size={buffer_size} elements is smaller than the largest parameter "
+                          f"partition: {key} of {path} has {numel} elements, {need} per rank on {world} ranks; "
+                          f"set zero.nvme_buffer_size>={need}")
+
+
 def model_class(cfg):
     """The image-text-to-text class of a config, looked up in transformers' auto mapping (``from_config`` of the
     auto class also probes for hub code and optional libraries, which a checkout's ``kernels/`` folder confuses)."""

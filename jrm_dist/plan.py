@@ -392,9 +392,9 @@ def model_states(cfg: JRMConfig, inv: list[Tensor], arch: Arch, n: int) -> dict:
     master = 4  # DeepSpeed keeps a separate fp32 master partition, in fp32 training too (measured)
     opt_b = 8.0 if cfg.optim.name in ("adamw", "cpu_adam") else 2.0 + 8.0 / BNB_BLOCK
     total = param_count(inv)
-    if cfg.model.lora.r > 0:  # adapters (extra parameters) + the reward head + the token embeddings (engine.py)
+    if cfg.model.lora.r > 0:  # adapters (extra parameters) + the reward head with its token row (engine.py)
         adapters = lora_params(arch, cfg.model.lora.r, cfg.model.lora.target_modules)
-        trainable = adapters + param_count(inv, {"head", "embed"})
+        trainable = adapters + param_count(inv, {"head"})
         total += adapters
     else:
         trainable = param_count(inv, trainable_parts(cfg))
@@ -410,13 +410,13 @@ def model_states(cfg: JRMConfig, inv: list[Tensor], arch: Arch, n: int) -> dict:
     grads = gb * trainable / shard_g
     optim = (master + opt_b) * trainable / shard_o
     cpu = 0.0
-    if z.offload_optimizer != "none":
-        cpu += optim + (grads if stage >= 2 else 0.0)
+    if z.offload_optimizer != "none":  # to CPU RAM, or through it to disk (nvme)
+        cpu += (optim + (grads if stage >= 2 else 0.0)) * (z.offload_optimizer == "cpu")
         optim = 0.0
         if stage >= 2:
             grads = 0.0
     if z.offload_param != "none":
-        cpu += pb * total / shard_p
+        cpu += pb * total / shard_p * (z.offload_param == "cpu")
         params -= pb * total / shard_p
     return {"params": params, "grads": grads, "optimizer": optim, "cpu_offloaded": cpu,
             "total_params": total, "trainable_params": trainable, "persistent_params": persistent,
@@ -588,6 +588,10 @@ def plan_for(cfg: JRMConfig, a: Arch, w: Workload, c: Cluster, ce: str, margin: 
         "usable_gib": usable / GIB,
         "fits": total <= usable,
         "cpu_offloaded_gib_per_node": ms["cpu_offloaded"] * c.gpus_per_node / GIB,
+        # ZeRO-Infinity swaps parameter partitions through buffer_count x buffer_size elements of host memory
+        # per rank (zero.nvme_buffer_*; each buffer must hold the largest partition: the embedding's at 7B+)
+        "nvme_buffers_gib_per_node": (cfg.zero.nvme_buffer_count * cfg.zero.nvme_buffer_size * ms["param_bytes"]
+                                      * c.gpus_per_node / GIB if cfg.zero.offload_param == "nvme" else 0.0),
         "tokens_per_gpu": act["tokens"], "patches_per_gpu": act["patches"],
         "model_tflops_per_gpu_step": model_f / 1e12,
         "compute_s": compute, "comm_s": comm, "update_s": update, "step_s": step,
@@ -681,6 +685,8 @@ def _fmt(p: dict, cfg: JRMConfig, a: Arch, c: Cluster, w: Workload, ce: str) -> 
     ]
     if p["cpu_offloaded_gib_per_node"]:
         lines.append(f"  CPU RAM per node for offloaded states: {p['cpu_offloaded_gib_per_node']:.1f} GiB")
+    if p["nvme_buffers_gib_per_node"]:
+        lines.append(f"  CPU RAM per node for NVMe swap buffers: {p['nvme_buffers_gib_per_node']:.1f} GiB")
     lines += [
         "",
         f"step (micro-batch {w.groups}): compute {p['compute_s']:.3f} s, ZeRO comm {p['comm_s']:.3f} s, "

@@ -772,9 +772,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+\W* is deprecated", category=FutureWarning)
     try:
         trainer = Trainer(cfg, resume=args.resume)
-    except OutputDirBusy as e:
+    except (OutputDirBusy, ConfigError) as e:  # a setting only checkable against the model (every rank agrees)
         print(f"jrm-train: error: {e}", file=sys.stderr, flush=True)
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return 2
     try:
         code = trainer.fit()

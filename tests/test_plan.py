@@ -217,3 +217,17 @@ def test_lora_adapter_count_matches_peft(tiny_backbone):
         peft_model = get_peft_model(m, LoraConfig(r=4, target_modules=targets))
         adapters = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
         assert P.lora_params(arch, 4, targets) == adapters
+
+
+def test_lora_trainable_count_equals_the_built_models(tiny_backbone):
+    """Under LoRA the engine trains the adapters and the reward head (its token row included), nothing of the
+    vocabulary matrices: the plan counted the 152k-row input embedding as trainable (0.55 B at 7B)."""
+    from jrm_dist.config import load_config
+    from jrm_dist.engine import build_model
+
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"model.name={tiny_backbone}", "model.lora.r=4"])
+    model = build_model(cfg, reward_token_id=5)
+    built = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    arch = P.load_arch(tiny_backbone)
+    ms = P.model_states(cfg, P.inventory(arch, cfg.model.head_hidden), arch, n=1)
+    assert ms["trainable_params"] == built

@@ -191,3 +191,37 @@ def test_lora_checkpoint_rereads_the_frozen_base_and_resumes_bit_exactly(tiny_ba
     save_file(sd, str(other / "model.safetensors"), metadata={"format": "pt"})
     c = spawn(base_overrides(str(other), synthetic_shards, out, steps=5, **extra))
     assert c.codes != [0, 0] and "holds different weights" in c.log, c.log
+
+
+@pytest.mark.launch
+def test_lora_bf16_with_parameters_offloaded_to_nvme_trains_like_in_memory(synthetic_shards, tmp_path):
+    """ZeRO-Infinity (``zero.offload_param=nvme``, DeepSpeed's async-I/O op) is how 7B fits this machine and 72B
+    fewer GPUs. It failed at start-up: the head's own ``zero.Init`` made a second swapper that the first
+    gather could not serve. With the released vocabulary (152064 x 64: its partitions pass DeepSpeed's 1 MiB
+    floor for swapping) the same 3 LoRA steps with partitions on disk give the in-memory run's losses; a
+    swap buffer smaller than the largest partition is refused up front, naming the tensor and the size needed."""
+    from jrm_dist.backbones import build_tiny_backbone
+
+    bb = str(build_tiny_backbone(tmp_path / "backbone", tokenizer="real"))
+    common = {"model.precision": "bf16", "zero.stage": 3, "model.lora.r": 4, "train.save_every": 0,
+              "tracking.enabled": "false", "train.export": "false", "data.eval_shards": ""}
+    ref = spawn(base_overrides(bb, synthetic_shards, tmp_path / "mem", steps=3, **common))
+    assert ref.codes == [0, 0], ref.log
+    swap = tmp_path / "nvme"
+    nvme = {"zero.offload_param": "nvme", "zero.nvme_path": str(swap), "zero.nvme_buffer_count": 4}
+    small = spawn(base_overrides(bb, synthetic_shards, tmp_path / "small", steps=3, **common, **nvme,
+                                 **{"zero.nvme_buffer_size": 4_000_000}))
+    assert small.codes == [2, 2], small.log
+    assert "zero.nvme_buffer_size=4000000" in small.log and "embed_tokens.weight" in small.log
+    assert "zero.nvme_buffer_size>=4866048" in small.log  # ceil(152064 * 64 / 2)
+
+    seen = set()
+    off = spawn(base_overrides(bb, synthetic_shards, tmp_path / "off", steps=3, **common, **nvme,
+                               **{"zero.nvme_buffer_size": 5_000_000}), timeout=600,
+                poll=lambda: seen.update(p.name for p in swap.rglob("*.swp")))
+    assert off.codes == [0, 0], off.log
+    assert seen, "no parameter partition was swapped to disk"
+    a, b = steps(tmp_path / "mem"), steps(tmp_path / "off")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert b[s]["loss/total"] == a[s]["loss/total"], (s, a[s], b[s])

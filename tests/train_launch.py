@@ -66,7 +66,8 @@ def check_marked_launch() -> None:
 
 
 def spawn(overrides: list[str], world: int = 2, faults: str = "", resume: str = "auto", timeout: float = 240,
-          env: dict | None = None, on_start=None) -> Result:
+          env: dict | None = None, on_start=None, poll=None) -> Result:
+    """Start ``world`` ranks of jrm-train on the tiny config; ``poll()`` is called every 0.1 s while they run."""
     check_marked_launch()
     port = free_port()
     cmd = [sys.executable, "-m", "jrm_dist.train", "--config", TINY, *overrides, "--resume", resume]
@@ -95,6 +96,8 @@ def spawn(overrides: list[str], world: int = 2, faults: str = "", resume: str = 
             for p in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGKILL)
+        if poll:
+            poll()
         time.sleep(0.1)
     for p in procs:
         p.wait()

@@ -1,0 +1,100 @@
+"""Sample the resident memory of every jrm-dist process on this machine (``jrm_dist.*`` in its command line)
+until stopped: one JSON line per process and sample, with its rank, RSS and anonymous RSS (the part that
+cannot be dropped under pressure, unlike pages of mapped checkpoints). ``--summary`` reads such a file back
+and prints each process' peak per phase, the phases cut at the times given.
+
+    python bench/rss_monitor.py --out rss.jsonl &          # sample every second
+    python bench/rss_monitor.py --summary rss.jsonl --phase load=T0 --phase step=T1 ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def _status(pid: str) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _jrm_processes() -> dict[str, tuple[str, str]]:
+    """pid -> (module, rank) of the processes running a jrm_dist module."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            mods = [a.decode() for a in argv if a.startswith(b"jrm_dist.")]
+            if not mods or any(a.endswith(b"torchrun") for a in argv) or b"jrm_dist.torchrun" in argv:
+                continue
+            env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+            found[pid] = (mods[0], env.get(b"RANK", b"-").decode())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def sample(out: Path, every: float) -> None:
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    with out.open("a") as f:
+        while not stop:
+            t = time.time()
+            for pid, (mod, rank) in _jrm_processes().items():
+                try:
+                    st = _status(pid)
+                except OSError:
+                    continue
+                f.write(json.dumps({"t": round(t, 2), "pid": int(pid), "module": mod, "rank": rank,
+                                    "rss": st.get("VmRSS", 0), "anon": st.get("RssAnon", 0)}) + "\n")
+            f.flush()
+            time.sleep(every)
+
+
+def summary(path: Path, phases: list[tuple[str, float]]) -> list[dict]:
+    """Peak RSS / anonymous RSS (GB) per (phase, module, rank); a phase runs from its time to the next one's."""
+    phases = sorted(phases, key=lambda p: p[1])
+    rows: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        s = json.loads(line)
+        name = next((n for n, t0 in reversed(phases) if s["t"] >= t0), None)
+        if name is None:
+            continue
+        key = (name, s["module"], s["rank"])
+        r = rows.setdefault(key, {"phase": name, "module": s["module"], "rank": s["rank"], "rss_gb": 0.0,
+                                  "anon_gb": 0.0})
+        r["rss_gb"] = max(r["rss_gb"], s["rss"] / 1e9)
+        r["anon_gb"] = max(r["anon_gb"], s["anon"] / 1e9)
+    order = {n: i for i, (n, _) in enumerate(phases)}
+    return sorted(rows.values(), key=lambda r: (order[r["phase"]], r["module"], r["rank"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="append samples here until SIGTERM")
+    ap.add_argument("--every", type=float, default=1.0)
+    ap.add_argument("--summary", type=Path, help="summarise a samples file")
+    ap.add_argument("--phase", action="append", default=[], metavar="NAME=UNIX_TIME")
+    a = ap.parse_args(argv)
+    if a.summary:
+        phases = [(p.split("=")[0], float(p.split("=")[1])) for p in a.phase] or [("all", 0.0)]
+        for r in summary(a.summary, phases):
+            print(f"{r['phase']:<10} {r['module']:<22} rank {r['rank']:<2} peak RSS {r['rss_gb']:6.2f} GB"
+                  f"  anonymous {r['anon_gb']:6.2f} GB")
+        return 0
+    if not a.out:
+        ap.error("--out or --summary")
+    sample(a.out, a.every)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
