@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv aio test test-quick demo bench clean-demo repro-toy repro-curve
+.PHONY: venv aio rehearse-7b test test-quick demo bench clean-demo repro-toy repro-curve
 
 # (Re)install when the venv is missing or setup.py changed. torch==2.13.0 first: it is the CPU wheel on
 # these machines and satisfies setup.py's range, so pip does not fetch a multi-GB CUDA build.
@@ -47,6 +47,14 @@ REPRO_CURVE ?= repro.out=runs/repro-curve repro.experiment=repro-curve "repro.al
 	"repro.group_sizes=[64,128,256,512,1024]" repro.train_quality_share=0.5 repro.parallel=2
 repro-curve: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m jrm_dist.repro --config configs/repro_curve.yaml $(REPRO_CURVE) $(REPRO_ARGS)
+
+# Issue 17's rehearsal: a random Qwen2.5-VL-7B (released layout, real tokenizer) trained through
+# `sbatch launchers/train_7b.sh` on the emulated 2-node Slurm cluster (root), requeued and resumed, exported,
+# scored, evaluated and served on this CPU machine; ~50 GB of disk in REHEARSE_DIR. Rewrites its section of
+# bench/REPORT.md. Not part of `make test`.
+REHEARSE_DIR ?= runs/rehearse-7b
+rehearse-7b: $(STAMP) aio
+	REHEARSE_DIR="$(REHEARSE_DIR)" $(PY) bench/rehearse_7b.py $(REHEARSE_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

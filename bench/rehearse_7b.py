@@ -85,7 +85,7 @@ def peaks(samples: Path, t0: float, t1: float, module: str | None = None) -> dic
         return out
     for line in samples.read_text().splitlines():
         s = json.loads(line)
-        if not t0 <= s["t"] <= t1 or (module and s["module"] != module) or s["rank"] == "-" and module is None:
+        if not t0 <= s["t"] <= t1 or (module and s["module"] != module):
             continue
         r = out.setdefault(s["rank"], {"rss": 0.0, "anon": 0.0})
         r["rss"] = max(r["rss"], s["rss"] / 1e9)
@@ -182,7 +182,7 @@ def serve_latency(export: Path, groups: Path, log: Path, n: int = 3) -> dict:
             if p.poll() is not None:
                 raise SystemExit(f"jrm-serve exited {p.returncode}; its output: {log}")
             try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -204,7 +204,7 @@ def serve_latency(export: Path, groups: Path, log: Path, n: int = 3) -> dict:
                            timeout=600)
             r.raise_for_status()
             compare.append(time.time() - t)
-            p_ab = r.json()["comparisons"][0]["p_a_beats_b"] if "comparisons" in r.json() else None
+            p_ab = r.json()["comparisons"][0]["p_a_beats_b"]
         return {"ready_s": ready, "reward_s": reward, "compare_s": compare, "p_a_beats_b": p_ab}
     finally:
         p.send_signal(signal.SIGTERM)
@@ -288,16 +288,19 @@ def main(argv: list[str] | None = None) -> int:
             job = sbatch(a, model, shards, out, log)
             requeued = None
             if name == "B":
-                first = out / "checkpoints" / f"step_{a.save_every}"
-                wait_job(job, until=lambda: (out / "checkpoints").exists() and any(
-                    p.name == f"step_{a.save_every}" for p in (out / "checkpoints").iterdir()))
+                def saved() -> bool:
+                    d = out / "checkpoints"
+                    return d.exists() and any(re.fullmatch(r"step_\d+", p.name) and (p / "COMPLETE").exists()
+                                              and int(p.name.split("_")[1]) >= a.save_every for p in d.iterdir())
+                wait_job(job, until=saved)
                 requeued = time.time()
-                say(f"requeue of job {job} after {first.name} appeared")
+                say(f"requeue of job {job} after its step-{a.save_every} checkpoint")
                 sh(["scontrol", "requeue", job])
             wait_job(job, until=lambda: job_state(job) == "COMPLETED")
             while job_state(job) not in ("COMPLETED", "GONE"):
                 time.sleep(5)
             t1 = time.time()
+            shutil.rmtree(Path(f"{out}-swap"), ignore_errors=True)  # 16.6 GB of parameter partitions per run
             text = log.read_text(errors="replace")
             runs[name] = {"t0": t0, "t1": t1, "job": job, "requeued_at": requeued, **train_phases(text),
                           "steps": steps_of(out)}
@@ -325,8 +328,6 @@ def main(argv: list[str] | None = None) -> int:
             sh([PY, "-m", "jrm_dist.export", "--checkpoint", str(ckpt_dir), "--out", str(export), "--dtype", "bf16"],
                log=logs / "export.log")
         res["export_gb"] = du(export)
-        shutil.rmtree(Path(f"{work / 'A'}-swap"), ignore_errors=True)
-        shutil.rmtree(Path(f"{work / 'B'}-swap"), ignore_errors=True)
         for mode in ("plain", "jrm"):
             with ph(f"score ({mode})"):
                 sh([PY, str(ROOT / "bench" / "score_check.py"), mode, str(export), str(groups),
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             gs = json.loads((groups / "groups.json").read_text())
             write_editscore_release(bench_data, [
                 ([f"{g['key']}-a", f"{g['key']}-b"], g["instruction"], (groups / g["sources"][0]).read_bytes(),
-                 [(groups / c).read_bytes() for c in g["candidates"][:2]], "synthetic", "overall") for g in gs])
+                 [(groups / c).read_bytes() for c in g["candidates"][:2]], "color_alter", "overall") for g in gs])
         with ph("jrm-eval"):
             sh([PY, "-m", "jrm_dist.eval.cli", "editscore", "--model", str(export), "--data", str(bench_data),
                 "--out", str(work / "eval" / "editscore.json"), "--dtype", "bfloat16"], log=logs / "eval.log")

@@ -32,11 +32,13 @@ def _jrm_processes() -> dict[str, tuple[str, str]]:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            mods = [a.decode() for a in argv if a.startswith(b"jrm_dist.")]
-            if not mods or any(a.endswith(b"torchrun") for a in argv) or b"jrm_dist.torchrun" in argv:
+            if not argv or b"python" not in Path(argv[0].decode(errors="replace")).name.encode():
+                continue  # the shells and srun steps that carry the command line along
+            mods = [a.decode() for a in argv if a.startswith(b"jrm_dist.") or a.endswith(b"bench/score_check.py")]
+            if not mods or b"jrm_dist.torchrun" in argv:
                 continue
             env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
-            found[pid] = (mods[0], env.get(b"RANK", b"-").decode())
+            found[pid] = (mods[0].rsplit("/", 1)[-1], env.get(b"RANK", b"-").decode())
         except (OSError, ValueError):
             continue
     return found

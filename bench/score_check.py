@@ -28,11 +28,13 @@ def write_groups(out: Path, n: int, seed: int = 1) -> None:
     groups = []
     for i in range(n):
         rec, imgs = make_group(seed, i)
+        d = out / f"g{i}"  # every group names its images alike
+        d.mkdir(exist_ok=True)
         for name, data in imgs.items():
-            (out / name).write_bytes(data)
+            (d / name).write_bytes(data)
         groups.append({"key": rec.get("key", f"g{i}"), "instruction": rec["instruction"],
-                       "sources": rec["source_images"],
-                       "candidates": [c["images"][0] for c in rec["candidates"]]})
+                       "sources": [f"g{i}/{n}" for n in rec["source_images"]],
+                       "candidates": [f"g{i}/{c['images'][0]}" for c in rec["candidates"]]})
     (out / "groups.json").write_text(json.dumps(groups, indent=1))
 
 
@@ -72,7 +74,7 @@ def score_plain(export: Path, groups_dir: Path, dtype: str) -> list[dict]:
         ns["instruction"], ns["image_files"] = instruction, [str(f) for f in files]
         t = time.time()
         exec(compile(per_input, "README.md (per input)", "exec"), ns)
-        out.append({"files": [f.name for f in files], "mu": ns["mu"], "sigma": ns["sigma"], "s": time.time() - t})
+        out.append({"files": [f"{f.parent.name}/{f.name}" for f in files], "mu": ns["mu"], "sigma": ns["sigma"], "s": time.time() - t})
     return out
 
 
@@ -88,7 +90,7 @@ def score_jrm(export: Path, groups_dir: Path, dtype: str) -> list[dict]:
         ims = [Image.open(f).convert("RGB") for f in files]
         t = time.time()
         s = scorer.score_encoded([scorer.encode(instruction, ims[:-1], ims[-1:])])[0]
-        out.append({"files": [f.name for f in files], "mu": s.mu, "sigma": s.sigma, "s": time.time() - t})
+        out.append({"files": [f"{f.parent.name}/{f.name}" for f in files], "mu": s.mu, "sigma": s.sigma, "s": time.time() - t})
     return out
 
 

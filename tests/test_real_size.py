@@ -154,10 +154,10 @@ def test_partitioned_load_equals_plain_transformers(released_tiny, tmp_path, per
 def test_lora_checkpoint_rereads_the_frozen_base_and_resumes_bit_exactly(tiny_backbone, synthetic_shards,
                                                                                tmp_path):
     """A LoRA checkpoint holds only what trains (the base is re-read from model.name, checked by fingerprint);
-    kill -9 after the step-2 save, resume: steps 3-4 equal an uninterrupted run bit for bit."""
-    # lora.dropout 0: with dropout the resumed steps differ in the 4th digit with or without this mechanism
-    # (the dropout RNG stream is not restored exactly: a known gap, measured 2.35228 vs 2.35306 at step 3)
-    extra = {"model.lora.r": 4, "model.lora.dropout": 0.0, "tracking.enabled": "false", "data.eval_shards": "",
+    kill -9 after the step-2 save, resume: steps 3-4 equal an uninterrupted run bit for bit, LoRA dropout on
+    (its masks come from the restored RNG stream; the resumed data iterator must not draw from it: it did,
+    and step 3 was 2.35306 instead of 2.35228)."""
+    extra = {"model.lora.r": 4, "model.lora.dropout": 0.1, "tracking.enabled": "false", "data.eval_shards": "",
              "train.export": "false", "optim.lr": "1e-3"}
     ref = tmp_path / "ref"
     r = spawn(base_overrides(tiny_backbone, synthetic_shards, ref, steps=4, **extra))

@@ -32,6 +32,7 @@ import logging
 import math
 from typing import Any, Callable, Iterator, Sequence
 
+import torch
 from torch.utils.data import DataLoader
 
 from jrm_dist.data.shards import Shard, resolve_shards, shards_digest
@@ -105,7 +106,10 @@ class StreamingLoader:
         if all(c >= self.samples_per_slot for c in self.cursors):  # checkpoint taken at the very end
             self._next_epoch()
             d.epoch, d.cursors, d.rotation = self.epoch, list(self.cursors), 0
-        kw = dict(num_workers=self.num_workers, batch_size=None, collate_fn=_identity)
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, which
+        # shifts the dropout stream of a resumed run (restored RNG, then a new iterator) by one draw.
+        kw = dict(num_workers=self.num_workers, batch_size=None, collate_fn=_identity,
+                  generator=torch.Generator().manual_seed(self.epoch))
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
         for batch in DataLoader(d, **kw):
