@@ -50,24 +50,6 @@ def sh(cmd: list[str], log: Path | None = None, **kw) -> subprocess.CompletedPro
     return p
 
 
-class Phases:
-    """Wall-clock phases, for the timing table and to cut the RSS samples."""
-
-    def __init__(self):
-        self.spans: dict[str, list[float]] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.time()
-        try:
-            yield
-        finally:
-            self.spans[name] = [t0, time.time()]
-
-    def mark(self, name: str, t0: float, t1: float) -> None:
-        self.spans[name] = [t0, t1]
-
-
 @contextmanager
 def rss_monitor(path: Path):
     p = subprocess.Popen([PY, str(ROOT / "bench" / "rss_monitor.py"), "--out", str(path), "--every", "0.5"], cwd=ROOT)
@@ -161,14 +143,31 @@ def train_phases(text: str) -> dict[str, float]:
     steps = log_times(text, r"jrm_dist.train: step \d+/")
     ckpts = [(t, float(m)) for t, m in zip(log_times(text, r"jrm_dist.train: checkpoint "),
                                            re.findall(r"\[rank0\][^\n]*jrm_dist.train: checkpoint \S+ \(([\d.]+)s\)", text))]
-    return {"loaded": loaded, "steps": steps, "ckpts": ckpts}
+    return {"loaded": loaded, "step_times": steps, "ckpts": ckpts}
 
 
 # ----------------------------------------------------------------------------------------------- serving
 
-def serve_latency(export: Path, groups: Path, log: Path, n: int = 3) -> dict:
-    import httpx
+def serve_latency(export: Path, log: Path, n: int = 3) -> dict:
+    """Start jrm-serve on the export and time ``n`` ``/v1/reward`` and ``n`` ``/v1/compare`` requests, one at a
+    time, each on images it has not seen (the server answers a repeated input from its cache)."""
+    import io
 
+    import httpx
+    from PIL import Image
+
+    from data_prep.synthetic import make_group
+
+    def b64(data: bytes) -> str:  # re-encoded as PNG, as a client would send it
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    items = []
+    for i in range(2 * n):
+        rec, imgs = make_group(2, i)
+        items.append(({"instruction": rec["instruction"], "source_images": [b64(imgs[s]) for s in rec["source_images"]]},
+                      [b64(imgs[c["images"][0]]) for c in rec["candidates"]]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -186,25 +185,21 @@ def serve_latency(export: Path, groups: Path, log: Path, n: int = 3) -> dict:
                     break
             except httpx.HTTPError:
                 pass
-            time.sleep(2)
+            time.sleep(1)
         ready = time.time() - t0
-        g = json.loads((groups / "groups.json").read_text())[0]
-        b64 = lambda name: base64.b64encode((groups / name).read_bytes()).decode()  # noqa: E731
-        item = {"instruction": g["instruction"], "source_images": [b64(s) for s in g["sources"]]}
-        reward, compare = [], []
-        for i in range(n):
+        reward, compare, p_ab = [], [], []
+        for item, cands in items[:n]:
             t = time.time()
-            r = httpx.post(f"{url}/v1/reward", json={"items": [dict(item, image=b64(g["candidates"][i % 2]))]},
-                           timeout=600)
+            r = httpx.post(f"{url}/v1/reward", json={"items": [dict(item, image=cands[0])]}, timeout=600)
             r.raise_for_status()
             reward.append(time.time() - t)
+        for item, cands in items[n:]:
             t = time.time()
-            r = httpx.post(f"{url}/v1/compare", json={"pairs": [dict(item, a={"image": b64(g["candidates"][0])},
-                                                                     b={"image": b64(g["candidates"][1])})]},
-                           timeout=600)
+            r = httpx.post(f"{url}/v1/compare", json={"pairs": [dict(item, a={"image": cands[0]},
+                                                                     b={"image": cands[1]})]}, timeout=600)
             r.raise_for_status()
             compare.append(time.time() - t)
-            p_ab = r.json()["comparisons"][0]["p_a_beats_b"]
+            p_ab.append(r.json()["comparisons"][0]["p_a_beats_b"])
         return {"ready_s": ready, "reward_s": reward, "compare_s": compare, "p_a_beats_b": p_ab}
     finally:
         p.send_signal(signal.SIGTERM)
@@ -230,6 +225,32 @@ def write_report(section: str) -> None:
     REPORT.write_text(text)
 
 
+class State(dict):
+    """Results of finished stages in <work>/state.json: a re-run after a failure resumes at the first
+    unfinished stage (delete the file, or the stage's key, to redo one)."""
+
+    def __init__(self, path: Path):
+        super().__init__(json.loads(path.read_text()) if path.exists() else {})
+        self.path = path
+
+    def put(self, key: str, value) -> None:
+        self[key] = value
+        self.path.write_text(json.dumps(self, indent=1, default=str))
+
+
+@contextmanager
+def stage(st: State, key: str):
+    """Run the body unless ``key`` is done; record its wall-clock span (plus what the body adds)."""
+    if key in st:
+        say(f"{key}: done in an earlier run, skipped")
+        yield None
+        return
+    out: dict = {}
+    t0 = time.time()
+    yield out
+    st.put(key, {"span": [t0, time.time()], **out})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("REHEARSE_DIR", ROOT / "runs" / "rehearse-7b")))
@@ -246,125 +267,73 @@ def main(argv: list[str] | None = None) -> int:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     rss = work / "rss.jsonl"
-    ph = Phases()
-    res: dict = {"started": time.strftime("%Y-%m-%d %H:%M")}
+    st = State(work / "state.json")
+    if "started" not in st:
+        st.put("started", time.strftime("%Y-%m-%d %H:%M"))
+    model = (a.model or work / "qwen7b").resolve()
+    shards, groups, export = work / "shards", work / "heldout", work / "export"
     with rss_monitor(rss):
-        # 1. the checkpoint
-        model = (a.model or work / "qwen7b").resolve()
-        if not (model / "model.safetensors.index.json").exists():
-            with ph("write checkpoint"):
-                sh([PY, "-m", "jrm_dist.random_checkpoint", "--config", "7b", "--out", str(model)],
-                   log=logs / "checkpoint.log")
-        res["checkpoint_gb"] = du(model)
-        # 2. data
-        shards = work / "shards"
-        if not (shards / "manifest.json").exists():
-            sh([PY, "-m", "data_prep.cli", "synthetic", "--out", str(shards), "--groups", "32", "--seed", "0",
-                "--quiet"], log=logs / "prep.log")
-        groups = work / "heldout"
-        if not (groups / "groups.json").exists():
-            sh([PY, str(ROOT / "bench" / "score_check.py"), "groups", str(groups), "--n", str(a.groups)])
-        # 3. the plan
-        plan_args = [PY, "-m", "jrm_dist.plan", "--config", "configs/qwen2_5_vl_7b.yaml", "--model-config",
-                     str(model), "--nodes", "2", "--gpus-per-node", "1", "--micro-batch", "1", "--json",
-                     *[o for o in train_overrides(a, model, shards, work / "A") if not o.startswith("data.train")]]
-        plans = {}
-        for label, extra in (("this run (LoRA, params on disk)", []),
-                             ("LoRA, params in memory", ["zero.offload_param=none"]),
-                             ("full fine-tuning, params in memory", ["zero.offload_param=none", "model.lora.r=0"])):
-            out = subprocess.run(plan_args + extra, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-            plans[label] = json.loads(out)
-        res["plan"] = plans
-        # 4. Slurm: uninterrupted run A, then run B requeued after its first checkpoint
+        # 1. the checkpoint and the data
+        with stage(st, "checkpoint") as r:
+            if r is not None:
+                if not (model / "model.safetensors.index.json").exists():
+                    sh([PY, "-m", "jrm_dist.random_checkpoint", "--config", "7b", "--out", str(model)],
+                       log=logs / "checkpoint.log")
+                    r["written"] = True
+                r["gb"] = du(model)
+        with stage(st, "data") as r:
+            if r is not None:
+                sh([PY, "-m", "data_prep.cli", "synthetic", "--out", str(shards), "--groups", "32", "--seed", "0",
+                    "--quiet", "--overwrite"], log=logs / "prep.log")
+                sh([PY, str(ROOT / "bench" / "score_check.py"), "groups", str(groups), "--n", str(a.groups)])
+        # 2. the plan
+        with stage(st, "plan") as r:
+            if r is not None:
+                plan_args = [PY, "-m", "jrm_dist.plan", "--config", "configs/qwen2_5_vl_7b.yaml", "--model-config",
+                             str(model), "--nodes", "2", "--gpus-per-node", "1", "--micro-batch", "1", "--json",
+                             *[o for o in train_overrides(a, model, shards, work / "A")
+                               if not o.startswith("data.train")]]
+                for label, extra in (("this run (LoRA, params on disk)", []),
+                                     ("LoRA, params in memory", ["zero.offload_param=none"]),
+                                     ("full fine-tuning, params in memory", ["zero.offload_param=none",
+                                                                             "model.lora.r=0"])):
+                    out = subprocess.run(plan_args + extra, cwd=ROOT, capture_output=True, text=True, check=True)
+                    r[label] = json.loads(out.stdout)
+        # 3. Slurm: uninterrupted run A, then run B requeued after its first checkpoint
         sh(["bash", ".ci/slurm_setup.sh"], log=logs / "slurm_setup.log")
-        runs = {}
         for name in ("A", "B"):
-            out = work / name
-            for d in (out, Path(f"{out}-swap")):
-                shutil.rmtree(d, ignore_errors=True)
-            log = logs / f"train_{name}.out"
-            log.unlink(missing_ok=True)
-            t0 = time.time()
-            job = sbatch(a, model, shards, out, log)
-            requeued = None
-            if name == "B":
-                def saved() -> bool:
-                    d = out / "checkpoints"
-                    return d.exists() and any(re.fullmatch(r"step_\d+", p.name) and (p / "COMPLETE").exists()
-                                              and int(p.name.split("_")[1]) >= a.save_every for p in d.iterdir())
-                wait_job(job, until=saved)
-                requeued = time.time()
-                say(f"requeue of job {job} after its step-{a.save_every} checkpoint")
-                sh(["scontrol", "requeue", job])
-            wait_job(job, until=lambda: job_state(job) == "COMPLETED")
-            while job_state(job) not in ("COMPLETED", "GONE"):
-                time.sleep(5)
-            t1 = time.time()
-            shutil.rmtree(Path(f"{out}-swap"), ignore_errors=True)  # 16.6 GB of parameter partitions per run
-            text = log.read_text(errors="replace")
-            runs[name] = {"t0": t0, "t1": t1, "job": job, "requeued_at": requeued, **train_phases(text),
-                          "steps": steps_of(out)}
-            ph.mark(f"train {name}", t0, t1)
-        # 5. resume check
-        A, B = runs["A"]["steps"], runs["B"]["steps"]
-        keys = ("loss/total", "loss/rank", "loss/lm", "grad_norm")
-        res["resume"] = {s: {k: (A[s][k], B[s][k]) for k in keys} for s in sorted(A) if s > a.save_every}
-        res["resume_bitwise"] = all(x == y for s in res["resume"].values() for x, y in s.values())
-        try:
-            from mlflow import MlflowClient
-
-            client = MlflowClient(tracking_uri=f"sqlite:///{work / 'B' / 'mlflow.db'}")
-            exp = client.get_experiment_by_name("rehearse-7b")
-            (run,) = client.search_runs([exp.experiment_id])
-            hist = client.get_metric_history(run.info.run_id, "loss/total")
-            res["mlflow_points"] = sorted(m.step for m in hist)
-        except Exception as e:  # reported, not fatal: the numbers above stand on their own
-            res["mlflow_points"] = f"unreadable: {e}"
-        ckpt_dir = max((work / "A" / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-        res["checkpoint_on_disk_gb"] = du(ckpt_dir)
-        # 6. export, scoring, eval, serving
-        export = work / "export"
-        with ph("export"):
-            sh([PY, "-m", "jrm_dist.export", "--checkpoint", str(ckpt_dir), "--out", str(export), "--dtype", "bf16"],
-               log=logs / "export.log")
-        res["export_gb"] = du(export)
+            with stage(st, f"run_{name}") as r:
+                if r is not None:
+                    r.update(train_run(a, name, model, shards, work, logs))
+        # 4. export, scoring, eval, serving
+        ckpt_dir = max((work / "A" / "checkpoints").glob("step_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
+        with stage(st, "export") as r:
+            if r is not None:
+                sh([PY, "-m", "jrm_dist.export", "--checkpoint", str(ckpt_dir), "--out", str(export), "--dtype",
+                    "bf16"], log=logs / "export.log")
+                r["gb"], r["checkpoint_gb"] = du(export), du(ckpt_dir)
         for mode in ("plain", "jrm"):
-            with ph(f"score ({mode})"):
-                sh([PY, str(ROOT / "bench" / "score_check.py"), mode, str(export), str(groups),
-                    str(work / f"scores_{mode}.json")], log=logs / f"score_{mode}.log")
-        cmp = subprocess.run([PY, str(ROOT / "bench" / "score_check.py"), "compare", str(work / "scores_plain.json"),
-                              str(work / "scores_jrm.json")], cwd=ROOT, capture_output=True, text=True, check=True)
-        res["score_compare"] = json.loads(cmp.stdout)
-        res["score_times"] = {m: json.loads((work / f"scores_{m}.json").read_text()) for m in ("plain", "jrm")}
-        bench_data = work / "editscore"
-        if not bench_data.exists():
-            sys.path.insert(0, str(ROOT / "tests"))
-            from bench_releases import write_editscore_release
+            with stage(st, f"score_{mode}") as r:
+                if r is not None:
+                    sh([PY, str(ROOT / "bench" / "score_check.py"), mode, str(export), str(groups),
+                        str(work / f"scores_{mode}.json")], log=logs / f"score_{mode}.log")
+        with stage(st, "eval") as r:
+            if r is not None:
+                bench_data = work / "editscore"
+                shutil.rmtree(bench_data, ignore_errors=True)
+                sys.path.insert(0, str(ROOT / "tests"))
+                from bench_releases import write_editscore_release
 
-            gs = json.loads((groups / "groups.json").read_text())
-            write_editscore_release(bench_data, [
-                ([f"{g['key']}-a", f"{g['key']}-b"], g["instruction"], (groups / g["sources"][0]).read_bytes(),
-                 [(groups / c).read_bytes() for c in g["candidates"][:2]], "color_alter", "overall") for g in gs])
-        with ph("jrm-eval"):
-            sh([PY, "-m", "jrm_dist.eval.cli", "editscore", "--model", str(export), "--data", str(bench_data),
-                "--out", str(work / "eval" / "editscore.json"), "--dtype", "bfloat16"], log=logs / "eval.log")
-        with ph("jrm-serve"):
-            res["serve"] = serve_latency(export, groups, logs / "serve.log")
-    # 7. summary
-    res["phases"] = ph.spans
-    res["runs"] = {k: {kk: vv for kk, vv in v.items() if kk != "steps"} for k, v in runs.items()}
-    rows = []
-    A = runs["A"]
-    load_end = A["loaded"][0] if A["loaded"] else A["t0"]
-    first_step = A["steps"][0] if A["steps"] else A["t1"]
-    rows.append(("load (start to model built)", load_end - A["t0"], peaks(rss, A["t0"], load_end, "jrm_dist.train")))
-    rows.append(("steps (incl. saves)", A["t1"] - load_end, peaks(rss, load_end, A["t1"], "jrm_dist.train")))
-    for name in ("export", "score (plain)", "score (jrm)", "jrm-eval", "jrm-serve"):
-        t0, t1 = ph.spans[name]
-        rows.append((name, t1 - t0, peaks(rss, t0, t1)))
-    res["rows"] = [(n, s, p) for n, s, p in rows]
-    (work / "summary.json").write_text(json.dumps(res, indent=1, default=str))
-    section = render(res, a, A, first_step, load_end)
+                gs = json.loads((groups / "groups.json").read_text())
+                write_editscore_release(bench_data, [
+                    ([f"{g['key']}-a", f"{g['key']}-b"], g["instruction"], (groups / g["sources"][0]).read_bytes(),
+                     [(groups / c).read_bytes() for c in g["candidates"][:2]], "color_alter", "overall") for g in gs])
+                sh([PY, "-m", "jrm_dist.eval.cli", "editscore", "--model", str(export), "--data", str(bench_data),
+                    "--out", str(work / "eval" / "editscore.json"), "--dtype", "bfloat16"], log=logs / "eval.log")
+        with stage(st, "serve") as r:
+            if r is not None:
+                r.update(serve_latency(export, logs / "serve.log"))
+    section = render(st, a, rss, work)
     print(section)
     if not a.no_report:
         write_report(section)
@@ -372,51 +341,126 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render(res: dict, a, A: dict, first_step: float, load_end: float) -> str:
-    step_times = [t1 - t0 for t0, t1 in zip([load_end] + A["steps"][:-1], A["steps"])]
-    plan = res["plan"]
+def train_run(a, name: str, model: Path, shards: Path, work: Path, logs: Path) -> dict:
+    out = work / name
+    for d in (out, Path(f"{out}-swap")):
+        shutil.rmtree(d, ignore_errors=True)
+    log = logs / f"train_{name}.out"
+    log.unlink(missing_ok=True)
+    job = sbatch(a, model, shards, out, log)
+    requeued = None
+    if name == "B":
+        def saved() -> bool:
+            d = out / "checkpoints"
+            return d.exists() and any(re.fullmatch(r"step_\d+", p.name) and (p / "COMPLETE").exists()
+                                      and int(p.name.split("_")[1]) >= a.save_every for p in d.iterdir())
+        wait_job(job, until=saved)
+        requeued = time.time()
+        say(f"requeue of job {job} after its step-{a.save_every} checkpoint")
+        sh(["scontrol", "requeue", job])
+    wait_job(job, until=lambda: job_state(job) == "COMPLETED")
+    shutil.rmtree(Path(f"{out}-swap"), ignore_errors=True)  # 16.6 GB of parameter partitions per run
+    return {"job": job, "requeued_at": requeued, **train_phases(log.read_text(errors="replace")),
+            "records": steps_of(out)}
+
+
+def _mem(pk: dict) -> str:
+    return ", ".join(f"rank {r}: {v['rss']:.2f} ({v['anon']:.2f})" if r != "-" else f"{v['rss']:.2f} ({v['anon']:.2f})"
+                     for r, v in sorted(pk.items())) or "-"
+
+
+def render(st: State, a, rss: Path, work: Path) -> str:
+    """The REPORT.md section, from the stages' results and the RSS samples."""
+    A, B = st["run_A"], st["run_B"]
     lines = [
         "## Real-size rehearsal: Qwen2.5-VL-7B on this CPU machine (`make rehearse-7b`)", "",
-        f"Run {res['started']} on 2 CPU cores / 24 GiB, 2 emulated Slurm nodes with one rank each: bf16, ZeRO-3 with "
-        f"the parameter partitions on disk (`zero.offload_param=nvme`, {a.buffer_count} buffers of "
-        f"{a.buffer_size / 1e6:.0f} M elements), gradient checkpointing, LoRA r16 on q/k/v/o + reward head, "
-        f"alpha 0.3, one group of 2 small images per rank and step, {a.steps} steps, a checkpoint every "
-        f"{a.save_every}.", "",
-        "| phase | wall time | peak RSS per process (anonymous), GB |", "|---|---:|---|"]
-    for name, secs, pk in res["rows"]:
-        mem = ", ".join(f"rank {r}: {v['rss']:.2f} ({v['anon']:.2f})" for r, v in sorted(pk.items())) or "-"
-        lines.append(f"| {name} | {secs:.0f} s | {mem} |")
-    lines += ["", f"Step times (first includes the trace of ZeRO-3's first pass): "
-              + ", ".join(f"{s:.0f} s" for s in step_times) + ".",
-              "Checkpoint saves: " + ", ".join(f"{s:.1f} s" for _, s in A["ckpts"]) + "; a checkpoint is "
-              f"{res['checkpoint_on_disk_gb']:.3f} GB on disk (trainable parameters + optimizer state; the frozen "
-              f"base is re-read from `model.name`). The base checkpoint is {res['checkpoint_gb']:.2f} GB, the bf16 "
-              f"export {res['export_gb']:.2f} GB.", "",
-              "`jrm-plan` for the same setup (per rank, GiB; its GPU terms read as host memory here, and its "
-              "3 GiB reserved for a CUDA context does not apply):", "",
-              "| setup | model states | ZeRO buffers | activations + LM-loss buffer | NVMe swap buffers (host) "
-              "| total without the CUDA reserve |", "|---|---:|---:|---:|---:|---:|"]
-    for label, p in plan.items():
+        f"Run {st['started']} on 2 CPU cores / 24 GiB: 2 emulated Slurm nodes with one CPU rank each "
+        f"(`sbatch launchers/train_7b.sh`), bf16, ZeRO-3 with the parameter partitions on disk "
+        f"(`zero.offload_param=nvme`, {a.buffer_count} buffers of {a.buffer_size / 1e6:.0f} M elements, reuse "
+        f"distance and prefetch 0), gradient checkpointing, LoRA r16 on q/k/v/o + reward head, alpha 0.3, one "
+        f"group of 2 small images per rank and step, {a.steps} steps, a checkpoint every {a.save_every}.", "",
+        "| phase | wall time | peak RSS (anonymous) per process, GB |", "|---|---:|---|"]
+    rows = []
+    if st["checkpoint"].get("written"):
+        t0, t1 = st["checkpoint"]["span"]
+        rows.append(("write the random 7B checkpoint (`jrm-make-checkpoint`)", t1 - t0,
+                     peaks(rss, t0, t1, "jrm_dist.random_checkpoint")))
+    for name, run in (("A", A), ("B", B)):
+        t0, t1 = run["span"]
+        loads = run["loaded"]
+        rows.append((f"run {name}: sbatch to model loaded (partitions written to disk)", loads[0] - t0,
+                     peaks(rss, t0, loads[0], "jrm_dist.train")))
+        steps_end = run["ckpts"][-1][0] if run["ckpts"] else t1
+        if name == "A":
+            rows.append((f"run A: {a.steps} steps + {len(run['ckpts'])} checkpoints", steps_end - loads[0],
+                         peaks(rss, loads[0], steps_end, "jrm_dist.train")))
+        else:
+            rq = run["requeued_at"]
+            rows.append(("run B: requeue to resumed (Slurm's requeue delay, reload, checkpoint load)",
+                         loads[-1] - rq, peaks(rss, rq, loads[-1], "jrm_dist.train")))
+            rows.append((f"run B: steps {a.save_every + 1}-{a.steps} after the resume", steps_end - loads[-1],
+                         peaks(rss, loads[-1], steps_end, "jrm_dist.train")))
+    for key, label in (("export", "`jrm-export` (bf16, streamed)"), ("score_plain", "plain transformers scoring"),
+                       ("score_jrm", "`JointRewardModel.score`"), ("eval", "`jrm-eval editscore`"),
+                       ("serve", "`jrm-serve` start + requests")):
+        t0, t1 = st[key]["span"]
+        rows.append((label, t1 - t0, peaks(rss, t0, t1)))
+    for name, secs, pk in rows:
+        lines.append(f"| {name} | {secs:.0f} s | {_mem(pk)} |")
+    step_times = [t1 - t0 for t0, t1 in zip([A["loaded"][0]] + A["step_times"][:-1], A["step_times"])]
+    lines += ["", "Run A's step times: " + ", ".join(f"{x:.0f} s" for x in step_times) + " (each step swaps every "
+              "partition in for the forward, again for the recomputation and the backward); checkpoint saves: "
+              + ", ".join(f"{x:.1f} s" for _, x in A["ckpts"]) + f". A checkpoint is {st['export']['checkpoint_gb']:.3f} "
+              f"GB on disk (LoRA adapters, reward head and their optimizer state; the frozen base is re-read from "
+              f"`model.name`). The base checkpoint is {st['checkpoint']['gb']:.2f} GB, the bf16 export "
+              f"{st['export']['gb']:.2f} GB.", "",
+              "`jrm-plan` for this setup, per rank in GiB (it plans GPU memory: here its terms are host memory, its "
+              "3 GiB CUDA reserve is left out, and the NVMe swap buffers are its host-memory line):", "",
+              "| setup | model states | ZeRO buffers | activations + LM-loss buffer | NVMe swap buffers | total |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for label, p in st["plan"].items():
+        if label == "span":
+            continue
         act = p["activations_gib"] + p["loss_buffer_gib"]
-        host = p.get("nvme_buffers_gib_per_node", 0.0) / 1  # one rank per node here
+        host = p.get("nvme_buffers_gib_per_node", 0.0)  # one rank per node here
         lines.append(f"| {label} | {p['model_states_gib']:.2f} | {p['zero_buffers_gib']:.2f} | {act:.2f} | "
                      f"{host:.2f} | {p['total_gib'] - p['reserved_gib'] + host:.2f} |")
-    r = res["resume"]
-    lines += ["", f"Resume after `scontrol requeue` at the step-{a.save_every} checkpoint: steps "
-              f"{', '.join(map(str, r))} of the requeued run vs the uninterrupted one: "
-              + ("bitwise equal (loss, rank loss, LM loss, grad norm)." if res["resume_bitwise"] else
-                 "; ".join(f"step {s}: " + ", ".join(f"{k} {x!r} vs {y!r}" for k, (x, y) in v.items())
-                           for s, v in r.items())),
-              f"MLflow steps of the requeued run's `loss/total`: {res['mlflow_points']}.", ""]
-    c = res["score_compare"]
-    lines += [f"Scoring {c['inputs']} held-out candidates in bf16: plain transformers (the README block) vs "
-              f"`JointRewardModel.score`: max |mu difference| {c['max_abs_mu_diff']:.3g} (spread of mu "
-              f"{c['mu_spread']:.3g}), max relative sigma difference {c['max_rel_sigma_diff']:.3g}"
-              + (" (identical)." if c["identical"] else ".")]
-    s = res["serve"]
-    lines += [f"`jrm-serve` (bf16): ready in {s['ready_s']:.0f} s; `/v1/reward` one candidate "
-              + ", ".join(f"{x:.1f}" for x in s["reward_s"]) + " s; `/v1/compare` one pair "
-              + ", ".join(f"{x:.1f}" for x in s["compare_s"]) + " s."]
+    ra, rb = A["records"], B["records"]
+    keys = ("loss/total", "loss/rank", "loss/lm", "grad_norm")
+    resumed = [s for s in sorted(ra, key=int) if int(s) > a.save_every]
+    same = all(ra[s][k] == rb[s][k] for s in resumed for k in keys)
+    lines += ["", f"Resume: run B was requeued with `scontrol requeue` after its step-{a.save_every} checkpoint and "
+              f"resumed from it; its steps {', '.join(resumed)} vs run A's: "
+              + ("bitwise equal in loss, rank loss, LM loss and grad norm "
+                 f"(step {resumed[-1]}: loss {ra[resumed[-1]]['loss/total']!r})." if same else
+                 "; ".join(f"step {s}: " + ", ".join(f"{k} {ra[s][k]!r} vs {rb[s][k]!r}" for k in keys)
+                           for s in resumed))]
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{work / 'B' / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("rehearse-7b").experiment_id])
+        hist = client.get_metric_history(runs[0].info.run_id, "loss/total")
+        lines.append(f"MLflow: {len(runs)} run for run B, `loss/total` logged at steps {sorted(m.step for m in hist)}.")
+    except Exception as e:  # reported, not fatal
+        lines.append(f"MLflow: could not be read ({e}).")
+    sp, sj = (json.loads((work / f"scores_{m}.json").read_text()) for m in ("plain", "jrm"))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from score_check import compare
+
+    c = compare(sp, sj)
+    per = lambda sc: sum(x["s"] for x in sc[1:]) / (len(sc) - 1)  # noqa: E731
+    lines += ["", f"Scoring {c['inputs']} held-out candidates (synthetic groups of another seed) on the bf16 export: "
+              f"plain transformers running the README's block vs `JointRewardModel.score` (jrm-eval's scorer): "
+              + ("identical mu and sigma on every candidate" if c["identical"] else
+                 f"max |mu difference| {c['max_abs_mu_diff']:.3g}, max relative sigma difference "
+                 f"{c['max_rel_sigma_diff']:.3g}") + f" (mu spread across candidates {c['mu_spread']:.3g}); "
+              f"{per(sp):.1f} s and {per(sj):.1f} s per candidate."]
+    sv = st["serve"]
+    lines += [f"`jrm-serve --dtype bfloat16`: ready in {sv['ready_s']:.0f} s; `/v1/reward` (one candidate) "
+              + ", ".join(f"{x:.1f}" for x in sv["reward_s"]) + " s; `/v1/compare` (one pair, two candidates) "
+              + ", ".join(f"{x:.1f}" for x in sv["compare_s"]) + " s; one request at a time, each on new images "
+              "(the first request also pays the first forward's set-up)."]
     return "\n".join(lines) + "\n"
 
 

@@ -779,6 +779,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = trainer.fit()
+    except ConfigError as e:  # a setting checked against the model as it is built (every rank agrees)
+        print(f"jrm-train: error: {e}", file=sys.stderr, flush=True)
+        code = 2
     except TrainingAborted as e:
         log.error("%s", e)
         print(f"jrm-train: error: {e}", file=sys.stderr, flush=True)
