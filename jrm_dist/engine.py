@@ -70,6 +70,23 @@ def _offload(kind: str, nvme_path: str) -> dict[str, Any] | None:
     return d
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_nvme_reuse(cfg: JRMConfig) -> None:
+    """Parameters on disk pass through ``zero.nvme_buffer_count`` buffers. Gathered parameters that will be
+    reused soon (gradient checkpointing recomputes every layer) or prefetched keep theirs, and at 7B the
+    backward pass ran out ("Not enough buffers 0 for swapping 1", after minutes of loading): say so at start."""
+    z = cfg.zero
+    if "nvme_reuse" in _WARNED or (z.stage3_max_reuse_distance == 0 and z.stage3_prefetch_bucket_size == 0):
+        return
+    _WARNED.add("nvme_reuse")
+    log.warning("zero.offload_param=nvme with zero.stage3_max_reuse_distance=%d and zero.stage3_prefetch_bucket_size"
+                "=%d: gathered parameters kept for reuse or prefetched hold swap buffers, and a step can run out of "
+                "them (DeepSpeed: 'Not enough buffers 0 for swapping'); the 7B rehearsal trains with both at 0 "
+                "(docs/real_size.md)", z.stage3_max_reuse_distance, z.stage3_prefetch_bucket_size)
+
+
 def deepspeed_config(cfg: JRMConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON config. One micro-batch = ``data.groups_per_batch`` groups per rank."""
     z = cfg.zero
@@ -93,6 +110,7 @@ def deepspeed_config(cfg: JRMConfig, world_size: int, load_universal: bool = Fal
         off = _offload(z.offload_param, z.nvme_path)
         if off and z.offload_param == "nvme":
             off.update(buffer_count=z.nvme_buffer_count, buffer_size=z.nvme_buffer_size)
+            _warn_nvme_reuse(cfg)
         if off:
             zero["offload_param"] = off
     mbs = cfg.data.groups_per_batch

@@ -33,6 +33,19 @@ def test_deepspeed_config_stage3_offload_bf16():
     assert "checkpoint" not in ds and deepspeed_config(c, 8, load_universal=True)["checkpoint"]["load_universal"]
 
 
+def test_nvme_offload_warns_once_about_buffers_held_for_reuse(caplog):
+    import jrm_dist.engine as engine
+
+    engine._WARNED.discard("nvme_reuse")
+    nvme = ("zero.stage=3", "zero.offload_param=nvme", "zero.nvme_path=/nvme")
+    with caplog.at_level("WARNING", logger="jrm_dist.engine"):
+        deepspeed_config(cfg_with(*nvme, "zero.stage3_max_reuse_distance=0", "zero.stage3_prefetch_bucket_size=0"), 2)
+        assert not caplog.records  # the settings the 7B rehearsal runs with
+        deepspeed_config(cfg_with(*nvme), 2)
+        deepspeed_config(cfg_with(*nvme), 2)
+    assert len(caplog.records) == 1 and "Not enough buffers" in caplog.records[0].getMessage()
+
+
 def test_deepspeed_config_stage2_has_no_stage3_knobs_and_stage0_is_refused():
     ds = deepspeed_config(cfg_with("zero.stage=2"), world_size=2)
     assert ds["zero_optimization"]["stage"] == 2
