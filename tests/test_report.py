@@ -150,6 +150,8 @@ def test_make_bench_report_tabulates_results_and_shows_failures(tmp_path):
     (tmp_path / "bench_silent.py").write_text('print("a table without the RESULT line")\n')
     (tmp_path / "bench_crash.py").write_text('print("starting")\nraise SystemExit("boom: out of memory")\n')
     out = tmp_path / "REPORT.md"
+    keep = "<!-- make bench keeps everything below this line: sections other commands wrote -->"
+    out.write_text(f"# an older report\n\n| stale | row |\n\n{keep}\n\n## Rehearsal (written by another command)\n42 s\n")
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--bench-dir", str(tmp_path),
                         "--out", str(out), "--timeout", "120"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1  # a bench failed / printed no RESULT, but the report is written
@@ -158,3 +160,4 @@ def test_make_bench_report_tabulates_results_and_shows_failures(tmp_path):
     assert "### bench_silent.py: no RESULT" in md and "a table without the RESULT line" in md
     assert "### bench_crash.py: exit 1" in md and "boom: out of memory" in md
     assert "Qwen2.5-VL-72B | 4x8 H200" in md and "torch" in md and "## Machine" in md
+    assert "| stale | row |" not in md and md.endswith(f"{keep}\n\n## Rehearsal (written by another command)\n42 s\n")
