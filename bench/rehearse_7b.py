@@ -60,21 +60,6 @@ def rss_monitor(path: Path):
         p.wait(10)
 
 
-def peaks(samples: Path, t0: float, t1: float, module: str | None = None) -> dict[str, dict[str, float]]:
-    """rank -> {"rss", "anon"} peak GB of the samples in [t0, t1] (of one module when given)."""
-    out: dict[str, dict[str, float]] = {}
-    if not samples.exists():
-        return out
-    for line in samples.read_text().splitlines():
-        s = json.loads(line)
-        if not t0 <= s["t"] <= t1 or (module and s["module"] != module):
-            continue
-        r = out.setdefault(s["rank"], {"rss": 0.0, "anon": 0.0})
-        r["rss"] = max(r["rss"], s["rss"] / 1e9)
-        r["anon"] = max(r["anon"], s["anon"] / 1e9)
-    return out
-
-
 def log_times(text: str, pattern: str) -> list[float]:
     """Unix times of the log lines (``YYYY-mm-dd HH:MM:SS,mmm [rank0] ...``) matching ``pattern``."""
     out = []
@@ -366,11 +351,15 @@ def train_run(a, name: str, model: Path, shards: Path, work: Path, logs: Path) -
 
 def _mem(pk: dict) -> str:
     return ", ".join(f"rank {r}: {v['rss']:.2f} ({v['anon']:.2f})" if r != "-" else f"{v['rss']:.2f} ({v['anon']:.2f})"
-                     for r, v in sorted(pk.items())) or "-"
+                     for (_, r), v in sorted(pk.items())) or "-"
 
 
 def render(st: State, a, rss: Path, work: Path) -> str:
     """The REPORT.md section, from the stages' results and the RSS samples."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from rss_monitor import load, peaks
+
+    samples = load(rss)
     A, B = st["run_A"], st["run_B"]
     lines = [
         "## Real-size rehearsal: Qwen2.5-VL-7B on this CPU machine (`make rehearse-7b`)", "",
@@ -384,27 +373,29 @@ def render(st: State, a, rss: Path, work: Path) -> str:
     if st["checkpoint"].get("written"):
         t0, t1 = st["checkpoint"]["span"]
         rows.append(("write the random 7B checkpoint (`jrm-make-checkpoint`)", t1 - t0,
-                     peaks(rss, t0, t1, "jrm_dist.random_checkpoint")))
+                     peaks(samples, t0, t1, "jrm_dist.random_checkpoint")))
     for name, run in (("A", A), ("B", B)):
         t0, t1 = run["span"]
         loads = run["loaded"]
         rows.append((f"run {name}: sbatch to model loaded (partitions written to disk)", loads[0] - t0,
-                     peaks(rss, t0, loads[0], "jrm_dist.train")))
+                     peaks(samples, t0, loads[0], "jrm_dist.train")))
         steps_end = run["ckpts"][-1][0] if run["ckpts"] else t1
         if name == "A":
             rows.append((f"run A: {a.steps} steps + {len(run['ckpts'])} checkpoints", steps_end - loads[0],
-                         peaks(rss, loads[0], steps_end, "jrm_dist.train")))
+                         peaks(samples, loads[0], steps_end, "jrm_dist.train")))
         else:
             rq = run["requeued_at"]
             rows.append(("run B: requeue to resumed (Slurm's requeue delay, reload, checkpoint load)",
-                         loads[-1] - rq, peaks(rss, rq, loads[-1], "jrm_dist.train")))
+                         loads[-1] - rq, peaks(samples, rq, loads[-1], "jrm_dist.train")))
             rows.append((f"run B: steps {a.save_every + 1}-{a.steps} after the resume", steps_end - loads[-1],
-                         peaks(rss, loads[-1], steps_end, "jrm_dist.train")))
-    for key, label in (("export", "`jrm-export` (bf16, streamed)"), ("score_plain", "plain transformers scoring"),
-                       ("score_jrm", "`JointRewardModel.score`"), ("eval", "`jrm-eval editscore`"),
-                       ("serve", "`jrm-serve` start + requests")):
+                         peaks(samples, loads[-1], steps_end, "jrm_dist.train")))
+    for key, label, module in (("export", "`jrm-export` (bf16, streamed)", "jrm_dist.export"),
+                               ("score_plain", "plain transformers scoring", "score_check.py"),
+                               ("score_jrm", "`JointRewardModel.score`", "score_check.py"),
+                               ("eval", "`jrm-eval editscore`", "jrm_dist.eval.cli"),
+                               ("serve", "`jrm-serve` start + requests", "jrm_dist.serve.server")):
         t0, t1 = st[key]["span"]
-        rows.append((label, t1 - t0, peaks(rss, t0, t1)))
+        rows.append((label, t1 - t0, peaks(samples, t0, t1, module)))
     for name, secs, pk in rows:
         lines.append(f"| {name} | {secs:.0f} s | {_mem(pk)} |")
     step_times = [t1 - t0 for t0, t1 in zip([A["loaded"][0]] + A["step_times"][:-1], A["step_times"])]
@@ -445,7 +436,6 @@ def render(st: State, a, rss: Path, work: Path) -> str:
     except Exception as e:  # reported, not fatal
         lines.append(f"MLflow: could not be read ({e}).")
     sp, sj = (json.loads((work / f"scores_{m}.json").read_text()) for m in ("plain", "jrm"))
-    sys.path.insert(0, str(ROOT / "bench"))
     from score_check import compare
 
     c = compare(sp, sj)

@@ -61,22 +61,30 @@ def sample(out: Path, every: float) -> None:
             time.sleep(every)
 
 
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def peaks(samples: list[dict], t0: float, t1: float, module: str | None = None) -> dict[tuple, dict[str, float]]:
+    """(module, rank) -> {"rss", "anon"}: peak GB of the samples taken in [t0, t1] (of one module when given)."""
+    out: dict[tuple, dict[str, float]] = {}
+    for s in samples:
+        if not t0 <= s["t"] <= t1 or (module and s["module"] != module):
+            continue
+        r = out.setdefault((s["module"], s["rank"]), {"rss": 0.0, "anon": 0.0})
+        r["rss"] = max(r["rss"], s["rss"] / 1e9)
+        r["anon"] = max(r["anon"], s["anon"] / 1e9)
+    return out
+
+
 def summary(path: Path, phases: list[tuple[str, float]]) -> list[dict]:
     """Peak RSS / anonymous RSS (GB) per (phase, module, rank); a phase runs from its time to the next one's."""
     phases = sorted(phases, key=lambda p: p[1])
-    rows: dict[tuple, dict] = {}
-    for line in path.read_text().splitlines():
-        s = json.loads(line)
-        name = next((n for n, t0 in reversed(phases) if s["t"] >= t0), None)
-        if name is None:
-            continue
-        key = (name, s["module"], s["rank"])
-        r = rows.setdefault(key, {"phase": name, "module": s["module"], "rank": s["rank"], "rss_gb": 0.0,
-                                  "anon_gb": 0.0})
-        r["rss_gb"] = max(r["rss_gb"], s["rss"] / 1e9)
-        r["anon_gb"] = max(r["anon_gb"], s["anon"] / 1e9)
-    order = {n: i for i, (n, _) in enumerate(phases)}
-    return sorted(rows.values(), key=lambda r: (order[r["phase"]], r["module"], r["rank"]))
+    samples = load(path)
+    ends = [t for _, t in phases[1:]] + [float("inf")]
+    return [{"phase": name, "module": mod, "rank": rank, "rss_gb": v["rss"], "anon_gb": v["anon"]}
+            for (name, t0), t1 in zip(phases, ends)
+            for (mod, rank), v in sorted(peaks(samples, t0, t1).items())]
 
 
 def main(argv: list[str] | None = None) -> int:
